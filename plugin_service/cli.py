@@ -1,0 +1,65 @@
+"""`advface`: the operator's command line (serve, train, evaluate, inspect models)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, Command] = {}
+
+
+def _cmd_train_recognizer(args: argparse.Namespace) -> int:
+    from plugin_service.models.recognizer import RecognizerSpec
+    from plugin_service.training.recognizer import RecognizerTraining, train_recognizer
+
+    spec = RecognizerSpec(arch=args.arch, split=args.split, embedding_dim=args.embedding_dim, width=args.width)
+    train_recognizer(RecognizerTraining(
+        data=args.data, out=args.out, spec=spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, device=args.device, pairs=args.pairs, pairs_root=args.pairs_root))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_train_recognizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-recognizer", help="train E + a server-side head on an identity-labelled face folder",
+                       description="Train facenet-pytorch's E and a recognition head as an identity classifier "
+                       "(cross-entropy, Adam, x0.94 per-epoch decay). Resumes from OUT.ckpt if present.")
+    p.add_argument("--data", type=Path, required=True, help="LFW-layout folder: NAME/NAME_NNNN.jpg, one folder per identity")
+    p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
+    p.add_argument("--arch", choices=("light", "facenet"), default="light",
+                   help="light: E + small conv head (trainable on CPU); facenet: full InceptionResnetV1")
+    p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
+    p.add_argument("--width", type=int, default=32, help="light head: channels of the first block")
+    p.add_argument("--embedding-dim", type=int, default=128, help="light head: embedding size")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--pairs", type=Path, help="LFW pairs.txt to report verification accuracy on after training")
+    p.add_argument("--pairs-root", type=Path, help="folder the pairs' names refer to (default: next to --pairs)")
+    p.set_defaults(func=_cmd_train_recognizer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train_recognizer,):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

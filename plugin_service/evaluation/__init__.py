@@ -1,0 +1,1 @@
+"""Privacy and utility evaluation: attackers, metrics, verification accuracy, reports."""

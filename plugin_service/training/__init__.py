@@ -1,0 +1,1 @@
+"""Training jobs: recogniser, shadow/attacker reconstruction networks, offline head fine-tuning."""
