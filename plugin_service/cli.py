@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+SHADOW_ARCHS = ("urec", "resrec", "transrec")
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Command] = {}
 
@@ -45,17 +47,54 @@ def _add_train_recognizer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_recognizer)
 
 
+def _cmd_train_shadow(args: argparse.Namespace) -> int:
+    from plugin_service.models.shadow import ShadowSpec
+    from plugin_service.training.shadow import ShadowTraining, train_shadow
+
+    content_hash = train_shadow(ShadowTraining(
+        data=args.data, extractor=args.extractor, out=args.out, spec=ShadowSpec(args.arch, args.width, args.depth),
+        half=args.half, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, split=args.split, command=shlex.join(["advface", *args.argv])))
+    print(f"wrote bundle {args.out} (version {content_hash[:12]})")
+    return 0
+
+
+def _add_train_shadow(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-shadow", help="train a shadow model S and write a model bundle",
+                       description="Train S with L1 loss |x - S(E(x))| (Adam) on a face folder and write a bundle "
+                       "(E + S as safetensors, manifest, content hash). Resumes from OUT.ckpt if present.")
+    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder (public faces)")
+    p.add_argument("--extractor", type=Path, required=True,
+                   help="weights for E: a recogniser .safetensors made by train-recognizer, or a FaceNet state dict "
+                   "(e.g. 20180402-114759-vggface2.pt, read with weights_only=True)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--arch", choices=SHADOW_ARCHS, default="resrec", help="shadow architecture (default: resrec)")
+    p.add_argument("--width", type=int, default=16, help="channels of the network's main stage")
+    p.add_argument("--depth", type=int, default=2, help="residual blocks (resrec), levels (urec), extra layers (transrec)")
+    p.add_argument("--half", choices=("all", "defender", "attacker"), default="all",
+                   help="train on one identity half of --data, so attackers can train on the other (default: all)")
+    p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.set_defaults(func=_cmd_train_shadow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_recognizer,):
+    for add in (_add_train_recognizer, _add_train_shadow):
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args))

@@ -82,6 +82,10 @@ class FaceSet:
     def floats(self, index: torch.Tensor | slice) -> torch.Tensor:
         return self.images[index].float() / 255.0
 
+    def take(self, index: torch.Tensor) -> FaceSet:
+        """The faces at ``index``, with the same identity list."""
+        return FaceSet(self.images[index], self.labels[index], self.identities, [self.paths[i] for i in index.tolist()])
+
     def subset(self, identities: Sequence[str]) -> FaceSet:
         keep = set(identities)
         idx = [i for i, p in enumerate(self.paths) if p.parent.name in keep]
@@ -138,3 +142,19 @@ def read_pairs(pairs_file: Path, root: Path) -> list[Pair]:
     if len(pairs) != folds * 2 * per:
         raise ValueError(f"{pairs_file}: header promises {folds * 2 * per} pairs, found {len(pairs)}")
     return pairs
+
+
+def split_identities(identities: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Deterministic halves of an identity list: (defender, attacker).
+
+    Membership depends only on a hash of each name, so the split is the same on every machine
+    and for any subset of the folder, and no identity can fall on both sides.
+    """
+    import hashlib
+
+    def side(name: str) -> int:
+        return hashlib.sha256(name.encode()).digest()[0] % 2
+
+    defender = sorted(n for n in identities if side(n) == 0)
+    attacker = sorted(n for n in identities if side(n) == 1)
+    return defender, attacker

@@ -89,7 +89,7 @@ def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
             optimizer.step()
             total += len(idx)
             correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
         scheduler.step()
         ckpt.save(epoch, generator, model=model, classifier=classifier, optimizer=optimizer, scheduler=scheduler)

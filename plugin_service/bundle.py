@@ -1,0 +1,216 @@
+"""Model bundles: E and S as safetensors, plus a manifest that says exactly what they are.
+
+A bundle is a directory::
+
+    manifest.json          architectures, hyper-parameters, feature shape/dtype, input
+                           normalisation, split point, training data, PGD defaults, hashes
+    extractor.safetensors  E's weights under facenet-pytorch key names
+    shadow.safetensors     S's weights
+
+Loading checks every claim the manifest makes and names the first one that is false. The
+content hash (over the manifest's fields and every weight file) is the model version that the
+service reports in its info RPC and metrics, so two replicas with the same version compute the
+same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from plugin_service.models.extractor import FACE_SIZE, Extractor, freeze
+from plugin_service.models.shadow import ShadowSpec, build_shadow
+
+FORMAT = "advface-bundle/1"
+MANIFEST = "manifest.json"
+EXTRACTOR_FILE = "extractor.safetensors"
+SHADOW_FILE = "shadow.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, corrupt, or inconsistent; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class PGDDefaults:
+    """The paper's attack settings (Sec. 4.1): 40 steps of 0.2 within an L_inf ball of 0.2."""
+
+    steps: int = 40
+    alpha: float = 0.2
+    eps: float = 0.2
+    norm: str = "linf"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    split: str
+    shadow: ShadowSpec
+    feature_shape: tuple[int, int, int]
+    feature_dtype: str = "float32"
+    input_size: int = FACE_SIZE
+    input_range: tuple[float, float] = (0.0, 1.0)
+    input_standardization: str = "E computes (255*x - 127.5) / 128 on RGB faces in [0, 1]"
+    pgd: PGDDefaults = PGDDefaults()
+    provenance: dict[str, str] = field(default_factory=dict)  # what data and command trained E and S
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["format"] = FORMAT
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Manifest:
+        if body.get("format") != FORMAT:
+            raise BundleError(f"manifest format is {body.get('format')!r}, this build reads {FORMAT!r}")
+        try:
+            return cls(
+                split=body["split"],
+                shadow=ShadowSpec(**body["shadow"]),
+                feature_shape=tuple(body["feature_shape"]),  # type: ignore[arg-type]
+                feature_dtype=body["feature_dtype"],
+                input_size=body["input_size"],
+                input_range=tuple(body["input_range"]),  # type: ignore[arg-type]
+                input_standardization=body["input_standardization"],
+                pgd=PGDDefaults(**body["pgd"]),
+                provenance=dict(body.get("provenance", {})),
+            )
+        except KeyError as e:
+            raise BundleError(f"manifest lacks the field {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"manifest is invalid: {e}") from e
+
+
+@dataclass
+class Bundle:
+    """Loaded, validated, frozen E and S, shared read-only by every engine call."""
+
+    manifest: Manifest
+    extractor: Extractor
+    shadow: nn.Module
+    content_hash: str
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return self.content_hash[:12]
+
+    def to(self, device: torch.device) -> Bundle:
+        self.extractor.to(device)
+        self.shadow.to(device)
+        return self
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _content_hash(manifest: dict[str, Any], file_hashes: dict[str, str]) -> str:
+    body = {k: v for k, v in manifest.items() if k not in ("content_hash", "files")}
+    blob = json.dumps({"manifest": body, "files": file_hashes}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def save_bundle(path: Path, manifest: Manifest, extractor: Extractor, shadow: nn.Module) -> str:
+    """Writes a bundle directory and returns its content hash."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in extractor.facenet_state().items()}, str(path / EXTRACTOR_FILE))
+    save_file({k: v.contiguous().cpu() for k, v in shadow.state_dict().items()}, str(path / SHADOW_FILE))
+    body = manifest.to_json()
+    files = {name: _sha256(path / name) for name in (EXTRACTOR_FILE, SHADOW_FILE)}
+    body["files"] = files
+    body["content_hash"] = _content_hash(body, files)
+    (path / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    return body["content_hash"]
+
+
+def _read_weights(file: Path, expected: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file and checks it holds exactly ``expected``'s keys and shapes."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{file.name}: not a readable safetensors file ({e})") from e
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BundleError(f"{file.name}: {what} weights do not match the manifest's architecture "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise BundleError(f"{file.name}: tensor {key} has shape {tuple(tensor.shape)}, "
+                              f"the manifest's {what} needs {tuple(expected[key].shape)}")
+    return state
+
+
+def load_bundle(path: Path | str | None = None) -> Bundle:
+    """Loads and validates a bundle; ``None`` means the default bundle embedded in the package."""
+    path = default_bundle_path() if path is None else Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle directory not found: {path}")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise BundleError(f"bundle {path} holds pickle files {pickles}; bundles carry safetensors only, "
+                          "since unpickling runs arbitrary code")
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise BundleError(f"bundle {path} has no {MANIFEST}")
+    try:
+        body = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{manifest_file}: not valid JSON ({e})") from e
+    manifest = Manifest.from_json(body)
+    recorded = body.get("files", {})
+    hashes = {}
+    for name in (EXTRACTOR_FILE, SHADOW_FILE):
+        if not (path / name).is_file():
+            raise BundleError(f"bundle {path} lacks {name}")
+        hashes[name] = _sha256(path / name)
+        if recorded.get(name) != hashes[name]:
+            raise BundleError(f"{name}: sha256 {hashes[name][:12]} does not match the manifest's "
+                              f"{str(recorded.get(name))[:12]}; the file was changed or corrupted")
+    content_hash = _content_hash(body, hashes)
+    if body.get("content_hash") != content_hash:
+        raise BundleError(f"{MANIFEST}: content hash mismatch (manifest says {str(body.get('content_hash'))[:12]}, "
+                          f"contents give {content_hash[:12]}); the manifest was edited after the bundle was made")
+    try:
+        extractor = Extractor(manifest.split)
+        shadow = build_shadow(manifest.shadow)
+    except ValueError as e:
+        raise BundleError(f"{MANIFEST}: {e}") from e
+    extractor.load_facenet_state(_read_weights(path / EXTRACTOR_FILE, extractor.facenet_state(), "extractor"))
+    shadow.load_state_dict(_read_weights(path / SHADOW_FILE, shadow.state_dict(), "shadow"))
+    freeze(extractor)
+    freeze(shadow)
+    actual = extractor.feature_shape()
+    if actual != tuple(manifest.feature_shape):
+        raise BundleError(f"{MANIFEST}: feature_shape {list(manifest.feature_shape)} but E at split "
+                          f"{manifest.split} gives {list(actual)}")
+    if manifest.feature_dtype not in ("float32", "float16"):
+        raise BundleError(f"{MANIFEST}: feature_dtype {manifest.feature_dtype!r} is not float32 or float16")
+    return Bundle(manifest, extractor, shadow, content_hash, path)
+
+
+def default_bundle_path() -> Path:
+    return Path(str(resources.files("plugin_service") / "assets" / "default_bundle"))
+
+
+def default_recognizer_path() -> Path:
+    return Path(str(resources.files("plugin_service") / "assets" / "recognizer.safetensors"))
+
+
+def sample_faces_path() -> Path:
+    return Path(str(resources.files("plugin_service") / "assets" / "sample_faces"))

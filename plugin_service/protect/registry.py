@@ -1,0 +1,48 @@
+"""Protector names -> instances, with the parameters a caller may set per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from plugin_service.bundle import Bundle
+from plugin_service.protect.base import Protector
+from plugin_service.protect.baselines import Identity, LaplaceDP, RandomNoise
+from plugin_service.protect.pgd import AdvFace
+
+PROTECTORS = ("advface", "random", "dp", "none")
+
+
+@dataclass(frozen=True)
+class ProtectorParams:
+    """Per-call settings; None means 'the bundle's default'."""
+
+    steps: int | None = None
+    alpha: float | None = None
+    eps: float | None = None
+    norm: str | None = None
+    dp_epsilon: float = 1.0
+    dp_bound: float = 1.0
+
+    def resolved(self, bundle: Bundle) -> ProtectorParams:
+        d = bundle.manifest.pgd
+        return replace(self, steps=d.steps if self.steps is None else self.steps,
+                       alpha=d.alpha if self.alpha is None else self.alpha,
+                       eps=d.eps if self.eps is None else self.eps,
+                       norm=d.norm if self.norm is None else self.norm)
+
+
+def build_protector(name: str, bundle: Bundle, params: ProtectorParams = ProtectorParams(),
+                    generator: torch.Generator | None = None) -> Protector:
+    p = params.resolved(bundle)
+    assert p.steps is not None and p.alpha is not None and p.eps is not None and p.norm is not None
+    if name == "advface":
+        return AdvFace(bundle.extractor, bundle.shadow, eps=p.eps, alpha=p.alpha, steps=p.steps, norm=p.norm)
+    if name == "random":
+        return RandomNoise(eps=p.eps, alpha=p.alpha, steps=p.steps, norm=p.norm, generator=generator)
+    if name == "dp":
+        return LaplaceDP(epsilon=p.dp_epsilon, bound=p.dp_bound, generator=generator)
+    if name == "none":
+        return Identity()
+    raise ValueError(f"unknown protector {name!r}; choose one of {', '.join(PROTECTORS)}")

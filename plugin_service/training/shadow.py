@@ -1,0 +1,82 @@
+"""`advface train-shadow`: trains the defender's shadow model S and writes a model bundle."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from plugin_service.bundle import Manifest, PGDDefaults, save_bundle
+from plugin_service.faces import load_face_folder, split_identities
+from plugin_service.models.extractor import DEFAULT_SPLIT, Extractor, freeze
+from plugin_service.models.recognizer import load_recognizer
+from plugin_service.models.shadow import ShadowSpec
+from plugin_service.training.loop import Checkpointer, pick_device
+from plugin_service.training.reconstruction import ReconstructionTraining, train_reconstructor
+
+log = logging.getLogger(__name__)
+HALVES = ("all", "defender", "attacker")
+
+
+@dataclass(frozen=True)
+class ShadowTraining:
+    data: Path
+    extractor: Path  # recogniser safetensors or a FaceNet state dict
+    out: Path
+    spec: ShadowSpec = ShadowSpec()
+    half: str = "all"  # which identity half of --data to train on (evaluation needs 'defender')
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    split: str = DEFAULT_SPLIT
+    command: str = ""  # the command line that made the bundle, recorded in its manifest
+
+
+def load_extractor(weights: Path, split: str = DEFAULT_SPLIT) -> Extractor:
+    """E from a recogniser file written here or from a FaceNet state dict, frozen."""
+    recognizer = load_recognizer(weights)
+    if recognizer.spec.split == split:
+        return freeze(recognizer.extractor)
+    extractor = Extractor(split)
+    extractor.load_facenet_state(recognizer.extractor.facenet_state())
+    return freeze(extractor)
+
+
+def train_shadow(cfg: ShadowTraining) -> str:
+    """Trains S on ``cfg.data`` and writes the bundle; returns its content hash."""
+    if cfg.half not in HALVES:
+        raise ValueError(f"--half must be one of {HALVES}, got {cfg.half!r}")
+    device = pick_device(cfg.device)
+    extractor = load_extractor(cfg.extractor, cfg.split).to(device)
+    faces = load_face_folder(cfg.data)
+    names = faces.identities if cfg.half == "all" else split_identities(faces.identities)[HALVES.index(cfg.half) - 1]
+    faces = faces.subset(names)
+    # Hold out every 20th face for per-epoch validation.
+    val_mask = torch.arange(len(faces)) % 20 == 0
+    train, val = faces.take((~val_mask).nonzero().flatten()), faces.images[val_mask]
+    spec = ShadowSpec(cfg.spec.arch, cfg.spec.width, cfg.spec.depth, *extractor.feature_shape()[:2])
+    log.info("training %s shadow (width %d, depth %d) on %d faces of %d identities (%s half), E from %s",
+             spec.arch, spec.width, spec.depth, len(train), len(names), cfg.half, cfg.extractor)
+    shadow, scores = train_reconstructor(
+        ReconstructionTraining(spec, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, checkpoint=cfg.out),
+        train, val, extractor, device, desc=f"shadow {spec.arch}")
+    manifest = Manifest(
+        split=cfg.split, shadow=spec, feature_shape=extractor.feature_shape(), pgd=PGDDefaults(),
+        provenance={
+            "command": cfg.command,
+            "extractor_source": cfg.extractor.name,
+            "shadow_data": f"{cfg.data.name} ({cfg.half} half: {len(names)} identities, {len(train)} faces)",
+            "shadow_identities": ",".join(names),
+            "shadow_epochs": str(cfg.epochs),
+            "shadow_seed": str(cfg.seed),
+            "shadow_val_l1": f"{scores.l1:.4f}",
+            "shadow_val_psnr": f"{scores.psnr:.2f}",
+            "shadow_val_ssim": f"{scores.ssim:.4f}",
+        })
+    content_hash = save_bundle(cfg.out, manifest, extractor.cpu(), shadow.cpu())
+    Checkpointer(cfg.out).remove()
+    return content_hash
