@@ -82,11 +82,37 @@ def _add_train_shadow(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train_shadow)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from plugin_service.config import settings_from_args
+    from plugin_service.server.app import serve
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        print(f"advface serve: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from plugin_service.config import add_settings_arguments
+
+    p = sub.add_parser("serve", help="run the gRPC plug-in service",
+                       description="Serve AdvFace over gRPC (advface.v1.AdvFaceGuard, grpc.health.v1, reflection) "
+                       "with Prometheus metrics. Every flag can also be set by the environment variable shown.")
+    add_settings_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train_recognizer, _add_train_shadow):
+    for add in (_add_serve, _add_train_recognizer, _add_train_shadow):
         add(sub)
     return parser
 

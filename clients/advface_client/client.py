@@ -1,0 +1,215 @@
+"""GuardClient: one-batch calls, and an ordered, bounded, retrying stream of batches.
+
+The stream keeps at most ``window`` batches unanswered, so memory stays bounded however long
+the input is. When the connection breaks (UNAVAILABLE), or a replica answers a batch with
+UNAVAILABLE because it is draining, the client opens a new stream, after a backoff, and resends
+every batch not yet answered, in order; each batch is yielded exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from advface.v1 import plugin_pb2 as pb
+from advface.v1 import plugin_pb2_grpc as pb_grpc
+from plugin_service.server.codec import (
+    DEFAULT_CHUNK_BYTES,
+    BatchError,
+    Options,
+    Result,
+    chunk_count,
+    decode_response_chunks,
+    encode_request,
+)
+
+log = logging.getLogger(__name__)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM files for a TLS channel; all optional (system roots, no client certificate)."""
+
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: Path | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+
+
+class _Abandon(Exception):
+    """Internal: the current stream must be restarted from the first unanswered batch."""
+
+
+class GuardClient:
+    """A connection to one service address (or several, comma-separated, balanced round-robin).
+
+    Example::
+
+        with GuardClient("localhost:50051") as client:
+            stored = client.protect(features).features
+            for result in client.protect_stream(("id-%d" % i, b) for i, b in enumerate(batches)):
+                save(result.batch_id, result.features)
+    """
+
+    def __init__(self, target: str, tls: TLSConfig | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_retries: int = 5, backoff_seconds: float = 0.5, timeout: float | None = None) -> None:
+        options = [("grpc.lb_policy_name", "round_robin")]
+        addresses = [t.strip() for t in target.split(",") if t.strip()]
+        if len(addresses) > 1:
+            target = "ipv4:" + ",".join(addresses)
+        self.target = target
+        self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
+                        else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.AdvFaceGuardStub(self.channel)
+        self.chunk_bytes, self.max_retries, self.backoff, self.timeout = chunk_bytes, max_retries, backoff_seconds, timeout
+        self._ids = itertools.count()
+
+    def __enter__(self) -> GuardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, wait_for_ready=True)
+
+    def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 10)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.target} did not report SERVING within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def protect(self, features: np.ndarray, batch_id: str | None = None, options: Options = Options()) -> Result:
+        """Protects one batch; raises :class:`BatchError` if the server rejects it."""
+        batch_id = batch_id or f"batch-{next(self._ids)}"
+        if chunk_count(features, self.chunk_bytes) == 1:
+            (request,) = encode_request(batch_id, features, options, self.chunk_bytes)
+            try:
+                response = self._with_retries(lambda: self.stub.Protect(request, timeout=self.timeout, wait_for_ready=True))
+            except grpc.RpcError as e:
+                raise BatchError(batch_id, e.code(), e.details() or "") from e
+            result = decode_response_chunks([response])
+        else:
+            (result,) = self.protect_stream([(batch_id, features)], options)
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def _with_retries(self, call):  # noqa: ANN001, ANN202
+        for attempt in itertools.count():
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() not in (*RETRYABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) or attempt >= self.max_retries:
+                    raise
+                self._sleep(attempt, e.code())
+
+    def _sleep(self, attempt: int, why: grpc.StatusCode) -> None:
+        delay = min(self.backoff * 2**attempt, 30.0)
+        log.warning("%s from %s; retrying in %.1fs (attempt %d of %d)", why.name, self.target, delay,
+                    attempt + 1, self.max_retries)
+        time.sleep(delay)
+
+    def protect_stream(self, batches: Iterable[tuple[str, np.ndarray]], options: Options = Options(),
+                       window: int = 4) -> Iterator[Result]:
+        """Streams ``(batch_id, features)`` pairs; yields one :class:`Result` per batch, in order.
+
+        A batch the server rejects (bad shape, NaN, policy...) is yielded with ``error`` set
+        and the stream goes on. Connection loss is retried up to ``max_retries`` times in a row.
+        """
+        source = iter(batches)
+        unanswered: deque[tuple[str, np.ndarray]] = deque()
+        lock = threading.Lock()
+        exhausted = False
+        failures = 0
+        while True:
+            with lock:
+                if exhausted and not unanswered:
+                    return
+                resend = list(unanswered)
+            credit = threading.Semaphore(max(window - len(resend), 0))
+            stop = threading.Event()
+
+            def requests() -> Iterator[pb.ProtectRequest]:
+                nonlocal exhausted
+                for bid, arr in resend:
+                    yield from encode_request(bid, arr, options, self.chunk_bytes)
+                while True:
+                    while not credit.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    with lock:
+                        item = next(source, None)
+                        if item is None:
+                            exhausted = True
+                            return
+                        unanswered.append(item)
+                    yield from encode_request(item[0], item[1], options, self.chunk_bytes)
+
+            call = self.stub.ProtectStream(requests(), timeout=self.timeout, wait_for_ready=True)
+            try:
+                for result in self._results(call):
+                    with lock:
+                        expected = unanswered[0][0]
+                    if result.batch_id != expected:
+                        raise RuntimeError(f"server answered batch {result.batch_id!r} while {expected!r} was due")
+                    if result.error is not None and result.error.code in RETRYABLE:
+                        raise _Abandon(result.error.detail)
+                    with lock:
+                        unanswered.popleft()
+                    credit.release()
+                    failures = 0
+                    yield result
+                with lock:
+                    if unanswered and exhausted:
+                        raise _Abandon("stream ended with batches unanswered")
+            except (grpc.RpcError, _Abandon) as e:
+                code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                if code not in RETRYABLE or failures >= self.max_retries:
+                    raise
+                self._sleep(failures, code)
+                failures += 1
+            finally:
+                stop.set()
+                call.cancel()
+
+    @staticmethod
+    def _results(call: Iterable[pb.ProtectResponse]) -> Iterator[Result]:
+        chunks: list[pb.ProtectResponse] = []
+        for msg in call:
+            chunks.append(msg)
+            if len(chunks) >= max(1, chunks[0].chunk_count):
+                yield decode_response_chunks(chunks)
+                chunks = []

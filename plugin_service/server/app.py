@@ -1,0 +1,126 @@
+"""Server lifecycle: load the bundle, warm up, serve with health and reflection, drain on SIGTERM.
+
+Health is NOT_SERVING until the bundle is loaded and one warm-up batch has run, so a load
+balancer or Kubernetes readiness probe never routes a batch to a cold replica. SIGTERM (or
+SIGINT) flips health to NOT_SERVING, turns new batches away with UNAVAILABLE, lets queued and
+in-flight batches finish within ``drain_seconds``, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from advface.v1 import plugin_pb2 as pb
+from advface.v1 import plugin_pb2_grpc as pb_grpc
+from plugin_service.bundle import load_bundle
+from plugin_service.config import ServerSettings
+from plugin_service.engine import Engine
+from plugin_service.server.batcher import ByteBudget, DeviceQueue, Job
+from plugin_service.server.codec import BatchLimits
+from plugin_service.server.interceptors import MetricsInterceptor
+from plugin_service.server.metrics import ServiceMetrics
+from plugin_service.server.policy import Policy
+from plugin_service.server.servicer import GuardServicer, ServingState
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdvFaceGuard"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    state: ServingState
+    health: health.aio.HealthServicer
+    queue: DeviceQueue
+    port: int
+
+
+def _model_info(engine: Engine, settings: ServerSettings, policy: Policy) -> pb.ModelInfo:
+    b = engine.bundle
+    return pb.ModelInfo(
+        model_version=b.version, content_hash=b.content_hash, feature_shape=list(engine.feature_shape),
+        feature_dtype=b.manifest.feature_dtype, split=b.manifest.split, shadow_arch=b.manifest.shadow.arch,
+        protector=policy.default_protector, protector_params={k: str(v) for k, v in engine.default_params().items()},
+        device=str(engine.device),
+        policy=pb.Policy(protectors=list(policy.protectors), max_steps=policy.max_steps, min_eps=policy.min_eps,
+                         max_eps=policy.max_eps, max_batch=policy.max_batch),
+        max_message_bytes=settings.max_message_mb * 2**20)
+
+
+async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None = None) -> RunningServer:
+    """Builds and starts the server; returns once it is SERVING (bundle loaded, warmed up)."""
+    metrics = metrics or ServiceMetrics()
+    limit = settings.max_message_mb * 2**20
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(metrics)],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}")
+    await server.start()  # health answers NOT_SERVING while the model loads
+    if settings.metrics_port:
+        metrics.serve_http(settings.metrics_port)
+
+    loop = asyncio.get_running_loop()
+    bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
+    engine = Engine(bundle, settings.device, settings.torch_threads)
+    policy = Policy(settings.allowed_protectors, settings.max_steps, settings.min_eps, settings.max_eps,
+                    settings.max_batch, default_protector=settings.allowed_protectors[0])
+
+    def run(job: Job):  # noqa: ANN202 - EngineResult, kept out of the server's imports' concerns
+        result = engine.protect(job.features, job.protector, job.params)
+        metrics.device_memory.set(engine.memory_in_use())
+        return result
+
+    queue = DeviceQueue(run, settings.queue_size, settings.workers, metrics)
+    queue.start()
+    info = _model_info(engine, settings, policy)
+    state = ServingState(queue, ByteBudget(settings.memory_budget_mb * 2**20, metrics), policy,
+                         BatchLimits(engine.feature_shape, settings.max_batch), metrics, info,
+                         settings.chunk_kb * 1024, stream_window=settings.queue_size + 2)
+    pb_grpc.add_AdvFaceGuardServicer_to_server(GuardServicer(state), server)
+    seconds = await loop.run_in_executor(None, engine.warm_up, settings.warmup_faces)
+    metrics.info.info({"model_version": bundle.version, "protector": policy.default_protector,
+                       "device": str(engine.device), "shadow_arch": bundle.manifest.shadow.arch})
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving bundle %s (%s shadow) on %s:%d, device %s, warm-up %.2fs%s", bundle.version,
+             bundle.manifest.shadow.arch, settings.host, port, engine.device, seconds,
+             f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else "")
+    return RunningServer(server, state, health_servicer, queue, port)
+
+
+async def drain_and_stop(running: RunningServer, grace: float) -> None:
+    """Stops taking batches, lets queued and in-flight ones finish, then stops the server."""
+    log.info("draining: health NOT_SERVING, new batches refused, up to %.0fs for in-flight batches", grace)
+    running.state.draining = True
+    await running.health.enter_graceful_shutdown()
+    try:
+        await asyncio.wait_for(running.queue.join(), timeout=grace)
+    except TimeoutError:
+        log.warning("drain timed out after %.0fs with batches still queued", grace)
+    await running.server.stop(grace)
+    await running.queue.close()
+    log.info("stopped")
+
+
+async def serve(settings: ServerSettings) -> None:
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await drain_and_stop(running, settings.drain_seconds)
