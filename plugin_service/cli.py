@@ -108,11 +108,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from plugin_service.demo import run_demo
+
+    return run_demo(args.faces, args.out, args.batch_size, args.bundle)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="start the service, stream an enrollment of the sample faces through it, stop",
+                       description="End-to-end demo on the embedded bundle and sample faces: starts `advface serve`, "
+                       "enrolls the faces through the client library, prints faces/s, the privacy gain and metrics, "
+                       "then stops the server with SIGTERM.")
+    p.add_argument("--faces", type=Path, help="faces to enroll (default: the embedded sample faces)")
+    p.add_argument("--out", type=Path, help="enrollment output directory (default: a new temporary directory)")
+    p.add_argument("--bundle", type=Path, help="bundle to serve (default: the embedded bundle)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_train_recognizer, _add_train_shadow):
+    for add in (_add_demo, _add_serve, _add_train_recognizer, _add_train_shadow):
         add(sub)
     return parser
 

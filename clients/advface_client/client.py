@@ -90,7 +90,7 @@ class GuardClient:
         self.channel.close()
 
     def info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, wait_for_ready=True)
+        return self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 30, wait_for_ready=True)
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)

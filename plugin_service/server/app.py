@@ -65,6 +65,8 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    servicer = GuardServicer()
+    pb_grpc.add_AdvFaceGuardServicer_to_server(servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
@@ -90,7 +92,7 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     state = ServingState(queue, ByteBudget(settings.memory_budget_mb * 2**20, metrics), policy,
                          BatchLimits(engine.feature_shape, settings.max_batch), metrics, info,
                          settings.chunk_kb * 1024, stream_window=settings.queue_size + 2)
-    pb_grpc.add_AdvFaceGuardServicer_to_server(GuardServicer(state), server)
+    servicer.ready(state)
     seconds = await loop.run_in_executor(None, engine.warm_up, settings.warmup_faces)
     metrics.info.info({"model_version": bundle.version, "protector": policy.default_protector,
                        "device": str(engine.device), "shadow_arch": bundle.manifest.shadow.arch})

@@ -45,13 +45,29 @@ class ServingState:
 
 
 class GuardServicer(pb_grpc.AdvFaceGuardServicer):
-    def __init__(self, state: ServingState) -> None:
-        self.s = state
+    """Registered before the server starts (gRPC requires it); answers UNAVAILABLE until :meth:`ready`."""
+
+    def __init__(self) -> None:
+        self._state: ServingState | None = None
+
+    def ready(self, state: ServingState) -> None:
+        self._state = state
+
+    @property
+    def s(self) -> ServingState:
+        assert self._state is not None
+        return self._state
+
+    async def _check_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if self._state is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        await self._check_ready(context)
         return self.s.model_info
 
     async def Protect(self, request: pb.ProtectRequest, context: grpc.aio.ServicerContext) -> pb.ProtectResponse:
+        await self._check_ready(context)
         if max(1, request.chunk_count) != 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"batch {request.batch_id!r}: Protect takes a single-message batch; "
@@ -68,6 +84,7 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
 
     async def ProtectStream(self, request_iterator: AsyncIterator[pb.ProtectRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProtectResponse]:
+        await self._check_ready(context)
         # Results are queued in arrival order, each with the bytes it holds in the budget; the
         # bound keeps a fast sender from piling up work.
         pending: asyncio.Queue[tuple[Awaitable[Result], int] | None] = asyncio.Queue(maxsize=self.s.stream_window)

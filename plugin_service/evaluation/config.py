@@ -1,0 +1,138 @@
+"""Everything one `advface evaluate` run does, as one typed object, with full and ``--quick`` defaults.
+
+The CLI only collects what the user set; :meth:`EvaluationConfig.create` lays those values over
+either the full-scale defaults (the paper's settings) or the tiny ``--quick`` ones, so a quick
+run still honours every option given explicitly and the report can print the exact settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from plugin_service.models.shadow import SHADOW_ARCHITECTURES
+from plugin_service.protect.registry import PROTECTORS
+
+# Overrides that make every stage tiny: a smoke run of the whole pipeline in a few minutes on
+# two CPU cores. Attack widths differ from each other so that attacker != shadow even here.
+QUICK_DEFAULTS: dict[str, Any] = {
+    "attacker_width": 6,
+    "attacker_depth": 1,
+    "attacker_epochs": 1,
+    "shadow_width": 4,
+    "shadow_depth": 1,
+    "shadow_epochs": 1,
+    "pgd_steps": 3,
+    "eps": (0.0, 0.2),
+    "dp_epsilons": (1.0, 10.0),
+    "pairs_per_fold": 2,
+    "attack_limit_per_identity": 4,
+    "attack_max_identities": 40,
+    "examples": 3,
+}
+
+
+def default_cache_dir() -> Path:
+    """``$ADVFACE_CACHE_DIR``, else ``$XDG_CACHE_HOME/advface/attackers``, else ``~/.cache/advface/attackers``."""
+    if os.environ.get("ADVFACE_CACHE_DIR"):
+        return Path(os.environ["ADVFACE_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "advface" / "attackers"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Inputs and knobs of one evaluation; None means 'derive it from the bundle'.
+
+    Attributes are grouped as: inputs, what to compare, PGD/DP settings, attacker and shadow
+    recipes, data limits, and run settings. See ``advface evaluate --help`` for each one.
+    """
+
+    data: Path
+    pairs: Path
+    attack_data: Path
+    out: Path
+    bundle: Path | None = None  # None: the default bundle embedded in the package
+    recognizer: Path | None = None  # None: the default recogniser embedded in the package
+    finetuned_recognizer: Path | None = None  # a head fine-tuned by `advface finetune-head`
+
+    protectors: tuple[str, ...] = ("none", "random", "dp", "advface")
+    attackers: tuple[str, ...] = ("urec", "resrec", "transrec")
+    adaptive_attacker: str | None = "urec"  # None: no adaptive attacker
+    transfer_shadows: tuple[str, ...] = SHADOW_ARCHITECTURES  # empty: no transferability matrix
+    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)  # trade-off sweep for advface and random
+    dp_epsilons: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # trade-off sweep for dp
+
+    protector_eps: float | None = None  # main tables; None: the bundle's PGD eps
+    pgd_steps: int | None = None  # None: the bundle's PGD steps
+    pgd_alpha: float | None = None  # None: the bundle's PGD step size
+    dp_epsilon: float = 1.0
+    dp_bound: float = 1.0
+
+    attacker_width: int | None = None  # None: twice the bundle shadow's width
+    attacker_depth: int = 2
+    attacker_epochs: int = 10
+    shadow_width: int | None = None  # transfer and adaptive shadows; None: the bundle shadow's
+    shadow_depth: int | None = None
+    shadow_epochs: int | None = None  # None: the bundle's recorded shadow_epochs, else 10
+    train_batch_size: int = 32
+    lr: float = 1e-4  # the paper's Adam learning rate for reconstruction networks
+
+    batch_size: int = 32  # faces per protector call: AdvFace's shadow uses batch statistics
+    pairs_per_fold: int | None = None  # keep this many matched and mismatched pairs per fold
+    attack_limit_per_identity: int | None = None
+    attack_max_identities: int | None = None
+    examples: int = 4  # faces in the reconstruction figure
+
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    use_cache: bool = True
+    allow_unknown_shadow_data: bool = False
+    quick: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+    @classmethod
+    def create(cls, quick: bool = False, **overrides: Any) -> EvaluationConfig:
+        """Full defaults, or the quick ones, overlaid with every override that is not None."""
+        values: dict[str, Any] = dict(QUICK_DEFAULTS) if quick else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["quick"] = quick
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Rejects names and values that would only fail deep inside a long run."""
+        from plugin_service.evaluation.errors import EvaluationError
+
+        for name in self.protectors:
+            if name not in PROTECTORS:
+                raise EvaluationError(f"unknown protector {name!r}; choose from {', '.join(PROTECTORS)}")
+        for name in (*self.attackers, *self.transfer_shadows, *([self.adaptive_attacker] if self.adaptive_attacker else [])):
+            if name not in SHADOW_ARCHITECTURES:
+                raise EvaluationError(f"unknown reconstruction architecture {name!r}; "
+                                      f"choose from {', '.join(SHADOW_ARCHITECTURES)}")
+        if not self.attackers:
+            raise EvaluationError("at least one attacker architecture is needed")
+        if any(e < 0 for e in self.eps) or any(e <= 0 for e in self.dp_epsilons):
+            raise EvaluationError("--eps values must be >= 0 and --dp-epsilons values > 0")
+        if self.batch_size < 2 or self.train_batch_size < 2:
+            raise EvaluationError("batch sizes must be >= 2 (networks normalise with batch statistics)")
+        if self.attacker_epochs < 1 or (self.shadow_epochs is not None and self.shadow_epochs < 1):
+            raise EvaluationError("epochs must be >= 1")
+
+    def resolved_cache_dir(self) -> Path | None:
+        if not self.use_cache:
+            return None
+        return self.cache_dir or default_cache_dir()
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        for f in fields(self):
+            if isinstance(body[f.name], Path):
+                body[f.name] = str(body[f.name])
+            elif isinstance(body[f.name], tuple):
+                body[f.name] = list(body[f.name])
+        return body

@@ -1,0 +1,133 @@
+"""The faces an evaluation reads: the verification set (pairs) and the attacker/defender halves.
+
+The verification set is exactly the faces that the pairs name, loaded once and indexed, so that
+privacy metrics, replay attacks and verification all score the same images. The attack data is
+split by identity with :func:`plugin_service.faces.split_identities`, the same split that
+``advface train-shadow --half`` uses, so the defender's and the attacker's training data can
+never share a person.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plugin_service.faces import FaceSet, Pair, load_face, load_face_folder, read_pairs, split_identities
+from plugin_service.training.loop import progress
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """Verification pairs as indices into an :class:`EvalFaces` set."""
+
+    left: np.ndarray  # (P,) int, the enrolled side (stored, protected feature)
+    right: np.ndarray  # (P,) int, the probe side (a fresh, clean face)
+    same: np.ndarray  # (P,) bool
+    folds: np.ndarray  # (P,) int
+
+    def __len__(self) -> int:
+        return len(self.left)
+
+
+@dataclass
+class EvalFaces:
+    """The faces the pairs name, as uint8, with each face's identity and the pair indices."""
+
+    images: torch.Tensor  # (N, 3, 160, 160) uint8
+    paths: list[Path]
+    names: list[str]  # identity of each face (its folder name)
+    pairs: PairIndex
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def identities(self) -> list[str]:
+        return sorted(set(self.names))
+
+
+@dataclass
+class AttackData:
+    """``--attack-data`` split by identity: the defender's half and the attacker's half."""
+
+    root: Path
+    defender: FaceSet
+    attacker: FaceSet
+
+
+def subsample_pairs(pairs: Sequence[Pair], per_fold: int | None) -> list[Pair]:
+    """The first ``per_fold`` matched and first ``per_fold`` mismatched pairs of every fold.
+
+    Keeping both classes in every fold keeps the 10-fold protocol valid on a tiny subset.
+    """
+    if per_fold is None:
+        return list(pairs)
+    kept: list[Pair] = []
+    counts: dict[tuple[int, bool], int] = {}
+    for pair in pairs:
+        key = (pair.fold, pair.same)
+        if counts.get(key, 0) < per_fold:
+            counts[key] = counts.get(key, 0) + 1
+            kept.append(pair)
+    return kept
+
+
+def load_eval_faces(root: Path, pairs_file: Path, per_fold: int | None = None) -> EvalFaces:
+    """Reads the faces named by an LFW-format ``pairs_file`` over the LFW-layout folder ``root``."""
+    pairs = subsample_pairs(read_pairs(pairs_file, root), per_fold)
+    paths = sorted({p for pair in pairs for p in (pair.left, pair.right)})
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} faces named in {pairs_file} are missing, e.g. {missing[0]}")
+    index = {p: i for i, p in enumerate(paths)}
+    images = torch.stack([(load_face(p) * 255.0).round().to(torch.uint8)
+                          for p in progress(paths, desc="loading faces", unit="face")])
+    pair_index = PairIndex(
+        left=np.array([index[p.left] for p in pairs]),
+        right=np.array([index[p.right] for p in pairs]),
+        same=np.array([p.same for p in pairs], dtype=bool),
+        folds=np.array([p.fold for p in pairs]),
+    )
+    return EvalFaces(images, paths, [p.parent.name for p in paths], pair_index)
+
+
+def load_attack_data(root: Path, limit_per_identity: int | None = None, max_identities: int | None = None) -> AttackData:
+    """Loads ``root`` and splits it into (defender, attacker) halves by identity.
+
+    ``max_identities`` keeps the first identities in sorted order before splitting (for --quick);
+    the split itself depends only on each name, so the halves are subsets of the full halves.
+    """
+    faces = load_face_folder(root, limit_per_identity=limit_per_identity)
+    names = faces.identities[:max_identities] if max_identities else faces.identities
+    defender, attacker = split_identities(names)
+    if not defender or not attacker:
+        raise ValueError(f"{root}: {len(names)} identities leave one half empty; the attack data needs more people")
+    return AttackData(Path(root), faces.subset(defender), faces.subset(attacker))
+
+
+def holdout(faces: FaceSet, every: int = 20) -> tuple[FaceSet, torch.Tensor]:
+    """(training faces, validation images): every ``every``-th face is held out, as train-shadow does."""
+    mask = torch.arange(len(faces)) % every == 0
+    return faces.take((~mask).nonzero().flatten()), faces.images[mask]
+
+
+def fingerprint(faces: FaceSet, root: Path) -> str:
+    """A hash of the faces' paths relative to ``root``: which images a network was trained on."""
+    h = hashlib.sha256()
+    for p in faces.paths:
+        h.update(str(Path(p).relative_to(root)).encode() + b"\n")
+    return h.hexdigest()
+
+
+def batch_order(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of ``range(n)``: batches mix identities, as a stream of enrolments would.
+
+    The verification folder is sorted by identity; batching it in order would hand AdvFace's
+    shadow model (which normalises with batch statistics) batches of one or two people.
+    """
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
