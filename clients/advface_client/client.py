@@ -28,13 +28,14 @@ from plugin_service.server.codec import (
     BatchError,
     Options,
     Result,
-    chunk_count,
     decode_response_chunks,
     encode_request,
 )
 
 log = logging.getLogger(__name__)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# Batches up to this size go in one unary call: gRPC's default 4 MiB message limit, less headroom.
+UNARY_MAX_BYTES = 4 * 2**20 - 64 * 2**10
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,8 @@ class GuardClient:
     def protect(self, features: np.ndarray, batch_id: str | None = None, options: Options = Options()) -> Result:
         """Protects one batch; raises :class:`BatchError` if the server rejects it."""
         batch_id = batch_id or f"batch-{next(self._ids)}"
-        if chunk_count(features, self.chunk_bytes) == 1:
-            (request,) = encode_request(batch_id, features, options, self.chunk_bytes)
+        if features.nbytes <= UNARY_MAX_BYTES:
+            (request,) = encode_request(batch_id, features, options, UNARY_MAX_BYTES)
             try:
                 response = self._with_retries(lambda: self.stub.Protect(request, timeout=self.timeout, wait_for_ready=True))
             except grpc.RpcError as e:

@@ -59,7 +59,8 @@ def validate_pairs(model: nn.Module, images: torch.Tensor, features: torch.Tenso
 
 
 def train_on_pairs(recipe: Recipe, images: torch.Tensor, features: torch.Tensor, val_images: torch.Tensor,
-                   val_features: torch.Tensor, device: torch.device, desc: str = "adaptive") -> tuple[nn.Module, ValidationScores]:
+                   val_features: torch.Tensor, device: torch.device,
+                   desc: str = "adaptive") -> tuple[nn.Module, ValidationScores]:
     """L1 training of ``recipe.spec`` on fixed (uint8 image, feature) pairs, Adam as in the paper."""
     generator = seed_everything(recipe.seed)
     model = build_shadow(recipe.spec).to(device)
@@ -98,10 +99,11 @@ def train_adaptive_attacker(cfg: EvaluationConfig, bundle: Bundle, attack: Attac
                   "norm": resolved.norm, "batch_size": cfg.batch_size, "shadow": own_shadow.cache_key}
     key = recipe_key("adaptive-attacker", recipe, bundle, faces, fp, adaptive=True, protector=protection)
 
+    train, val = holdout(faces)
+
     def run() -> tuple[nn.Module, ValidationScores]:
         shadow = own_shadow.model.to(device)
         protector = make_protector("advface", bundle, params, shadow=shadow)
-        train, val = holdout(faces)
         order = batch_order(len(train), recipe.seed)
         train_features = protect_dataset(train.images, bundle.extractor, protector, order, cfg.batch_size, device,
                                          desc="attacker protects its faces")
@@ -111,4 +113,4 @@ def train_adaptive_attacker(cfg: EvaluationConfig, bundle: Bundle, attack: Attac
                               desc=f"adaptive {recipe.spec.arch}")
 
     label = f"{cfg.adaptive_attacker}+adaptive"
-    return own_shadow, obtain(label, "adaptive-attacker", recipe, faces, key, cache, run)
+    return own_shadow, obtain(label, "adaptive-attacker", recipe, faces, key, cache, run, len(train))

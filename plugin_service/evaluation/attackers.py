@@ -113,22 +113,26 @@ def recipe_key(role: str, recipe: Recipe, bundle: Bundle, faces: FaceSet, data_f
 
 
 def obtain(label: str, role: str, recipe: Recipe, faces: FaceSet, key: str, cache: ModelCache,
-           train: Callable[[], tuple[nn.Module, ValidationScores]]) -> TrainedNet:
-    """The cached network for ``key``, or ``train()``'s result (which is then cached)."""
+           train: Callable[[], tuple[nn.Module, ValidationScores]], train_faces: int) -> TrainedNet:
+    """The cached network for ``key``, or ``train()``'s result (which is then cached).
+
+    ``faces`` is the whole half the network may use; ``train_faces`` how many of them it trains
+    on (the rest are validation).
+    """
     hit = cache.load(key, recipe.spec)
     if hit is not None:
         model, meta = hit
         val = ValidationScores(float(meta.get("val_l1", "nan")), float(meta.get("val_psnr", "nan")),
                                float(meta.get("val_ssim", "nan")))
         log.info("%s %s: loaded from cache (%s)", role, label, key[:12])
-        return TrainedNet(label, role, model, recipe, val, len(faces), len(faces.identities), key, True)
+        return TrainedNet(label, role, model, recipe, val, train_faces, len(faces.identities), key, True)
     log.info("%s %s: training %s width %d depth %d for %d epochs on %d faces of %d identities", role, label,
-             recipe.spec.arch, recipe.spec.width, recipe.spec.depth, recipe.epochs, len(faces), len(faces.identities))
+             recipe.spec.arch, recipe.spec.width, recipe.spec.depth, recipe.epochs, train_faces, len(faces.identities))
     model, val = train()
     model = freeze(model.cpu())
     cache.save(key, model, recipe.spec, {"role": role, "label": label, "val_l1": repr(val.l1),
                                          "val_psnr": repr(val.psnr), "val_ssim": repr(val.ssim)})
-    return TrainedNet(label, role, model, recipe, val, len(faces), len(faces.identities), key, False)
+    return TrainedNet(label, role, model, recipe, val, train_faces, len(faces.identities), key, False)
 
 
 def train_on_features(label: str, role: str, recipe: Recipe, faces: FaceSet, root_fingerprint: str, bundle: Bundle,
@@ -141,7 +145,7 @@ def train_on_features(label: str, role: str, recipe: Recipe, faces: FaceSet, roo
     def run() -> tuple[nn.Module, ValidationScores]:
         return train_reconstructor(recipe.training(), train, val, extractor, device, desc=f"{role} {label}")
 
-    return obtain(label, role, recipe, faces, key, cache, run)
+    return obtain(label, role, recipe, faces, key, cache, run, len(train))
 
 
 def train_attackers(cfg: EvaluationConfig, bundle: Bundle, attack: AttackData, cache: ModelCache,

@@ -60,7 +60,7 @@ class EvaluationConfig:
 
     protectors: tuple[str, ...] = ("none", "random", "dp", "advface")
     attackers: tuple[str, ...] = ("urec", "resrec", "transrec")
-    adaptive_attacker: str | None = "urec"  # None: no adaptive attacker
+    adaptive_attacker: str | None = "urec"  # None (or "none" in create): no adaptive attacker
     transfer_shadows: tuple[str, ...] = SHADOW_ARCHITECTURES  # empty: no transferability matrix
     eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)  # trade-off sweep for advface and random
     dp_epsilons: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # trade-off sweep for dp
@@ -95,9 +95,14 @@ class EvaluationConfig:
 
     @classmethod
     def create(cls, quick: bool = False, **overrides: Any) -> EvaluationConfig:
-        """Full defaults, or the quick ones, overlaid with every override that is not None."""
+        """Full defaults, or the quick ones, overlaid with every override that is not None.
+
+        ``adaptive_attacker="none"`` turns the adaptive attacker off (None means 'default' here).
+        """
         values: dict[str, Any] = dict(QUICK_DEFAULTS) if quick else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("adaptive_attacker") == "none":
+            values["adaptive_attacker"] = None
         values["quick"] = quick
         cfg = cls(**values)
         cfg.validate()

@@ -131,3 +131,15 @@ def batch_order(n: int, seed: int) -> torch.Tensor:
     shadow model (which normalises with batch statistics) batches of one or two people.
     """
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def pick_examples(names: Sequence[str], k: int) -> torch.Tensor:
+    """Indices of ``k`` faces of different identities, spread evenly over the sorted identities."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first.setdefault(name, i)
+    people = sorted(first)
+    if k <= 0 or not people:
+        return torch.zeros(0, dtype=torch.long)
+    picks = np.linspace(0, len(people) - 1, num=min(k, len(people))).round().astype(int)
+    return torch.tensor([first[people[i]] for i in dict.fromkeys(picks.tolist())], dtype=torch.long)

@@ -95,3 +95,13 @@ def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, pr
     has_shadow = not np.isnan(before).all()
     return PassOutputs(attacks, feat_emb, norms, before if has_shadow else None, after if has_shadow else None,
                        seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def embed_images(model: Recognizer, images: torch.Tensor, device: torch.device, batch_size: int = 64,
+                 desc: str = "embedding") -> torch.Tensor:
+    """The recogniser's (N, D) embeddings of uint8 faces, batch by batch, on the CPU."""
+    batches = torch.arange(len(images)).split(batch_size)
+    out = [model(images[idx].float().div(255.0).to(device)).float().cpu()
+           for idx in progress(batches, total=len(batches), desc=desc)]
+    return torch.cat(out)

@@ -33,27 +33,41 @@ class OverBudget(Exception):
 
 
 class ByteBudget:
-    """Bounds the host memory held by batches: reassembly buffers and results waiting to be sent."""
+    """Bounds the host memory held by batches: reassembly buffers and results waiting to be sent.
+
+    ``release`` is synchronous so that cleanup paths (cancelled streams, done-callbacks) can
+    always return memory without awaiting.
+    """
 
     def __init__(self, capacity: int, metrics: ServiceMetrics) -> None:
         self.capacity, self.reserved = capacity, 0
-        self._cond = asyncio.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
         self._metrics = metrics
 
     async def acquire(self, n: int) -> None:
         if n > self.capacity:
             raise OverBudget(f"batch needs {n / 2**20:.0f} MiB, over the server's memory budget of "
                              f"{self.capacity / 2**20:.0f} MiB")
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.reserved + n <= self.capacity)
-            self.reserved += n
-            self._metrics.reserved.set(self.reserved)
+        while self.reserved + n > self.capacity:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.reserved += n
+        self._metrics.reserved.set(self.reserved)
 
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.reserved -= n
-            self._metrics.reserved.set(self.reserved)
-            self._cond.notify_all()
+    def release(self, n: int) -> None:
+        if n == 0:
+            return
+        self.reserved -= n
+        self._metrics.reserved.set(self.reserved)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
 
 @dataclass

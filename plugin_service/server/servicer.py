@@ -87,29 +87,39 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
         await self._check_ready(context)
         # Results are queued in arrival order, each with the bytes it holds in the budget; the
         # bound keeps a fast sender from piling up work.
-        pending: asyncio.Queue[tuple[Awaitable[Result], int] | None] = asyncio.Queue(maxsize=self.s.stream_window)
+        pending: asyncio.Queue[tuple[asyncio.Future[Result], int] | None] = asyncio.Queue(maxsize=self.s.stream_window)
         reader = asyncio.create_task(self._read_stream(request_iterator, pending))
+        current: tuple[asyncio.Future[Result], int] | None = None
         try:
-            while (item := await pending.get()) is not None:
-                awaitable, held = item
-                result = await awaitable
+            while (current := await pending.get()) is not None:
+                task, held = current
+                result = await asyncio.shield(task)
                 self._count_batch("ProtectStream", result)
                 for msg in encode_result(result, self.s.chunk_bytes):
                     self.s.metrics.wire_out.inc(msg.ByteSize())
                     yield msg
-                await self.s.budget.release(held)
+                current = None
+                self.s.budget.release(held)
             await reader
         finally:
+            # A cancelled stream (client gone) leaves batches behind: they finish on their own
+            # and give their memory back when done.
             reader.cancel()
+            leftovers = [current] if current else []
+            while not pending.empty():
+                leftovers.append(pending.get_nowait())
+            for item in leftovers:
+                if item is not None:
+                    item[0].add_done_callback(lambda _, n=item[1]: self.s.budget.release(n))
 
     async def _read_stream(self, requests: AsyncIterator[pb.ProtectRequest],
-                           pending: asyncio.Queue[tuple[Awaitable[Result], int] | None]) -> None:
+                           pending: asyncio.Queue[tuple[asyncio.Future[Result], int] | None]) -> None:
         reassembler = Reassembler(self.s.limits)
         reserved = 0
 
         async def fail(error: BatchError) -> None:
             nonlocal reserved
-            await self.s.budget.release(reserved)
+            self.s.budget.release(reserved)
             reserved = 0
             await pending.put((_done(Result(error.batch_id, None, error=error)), 0))
 
@@ -142,7 +152,7 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
                 await fail(BatchError(reassembler.pending, grpc.StatusCode.INVALID_ARGUMENT,
                                       "stream ended before the batch's last chunk arrived"))
         finally:
-            await self.s.budget.release(reserved)
+            self.s.budget.release(reserved)
             await pending.put(None)
 
     async def _serve_one(self, request: pb.ProtectRequest, wait: bool) -> Result:
@@ -157,8 +167,8 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
         except BatchError as e:
             return Result(e.batch_id, None, error=e)
 
-    async def _submit(self, batch: Batch, wait: bool) -> Awaitable[Result]:
-        """Queues a decoded batch; returns an awaitable of its result (errors included)."""
+    async def _submit(self, batch: Batch, wait: bool) -> asyncio.Future[Result]:
+        """Queues a decoded batch; returns a task that yields its result (errors included)."""
         name, params = self.s.policy.resolve(batch.batch_id, batch.options)
         received = time.perf_counter()
         self.s.metrics.in_flight.inc()
@@ -168,7 +178,7 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
             self.s.metrics.in_flight.dec()
             raise BatchError(batch.batch_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"device queue is full; retry in {RETRY_AFTER_SECONDS}s") from None
-        return self._finish(batch, name, future, received)
+        return asyncio.ensure_future(self._finish(batch, name, future, received))
 
     async def _finish(self, batch: Batch, protector: str, future: Awaitable[Any], received: float) -> Result:
         m = self.s.metrics
@@ -202,7 +212,7 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
             log.info("batch %r rejected: %s %s", result.batch_id, code, result.error.detail)
 
 
-def _done(result: Result) -> Awaitable[Result]:
+def _done(result: Result) -> asyncio.Future[Result]:
     future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
     future.set_result(result)
     return future

@@ -1,0 +1,229 @@
+"""REPORT_DIR: results.json (every number), report.md (every table) and the PNG figures.
+
+report.md is rendered from the results dict alone, so every number a reader sees is in
+results.json under the same name, and the report can be regenerated from the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plugin_service.evaluation import figures
+
+RESULTS = "results.json"
+REPORT = "report.md"
+FIGURES = {"reconstructions": "reconstructions.png", "tradeoff": "tradeoff.png", "transfer": "transfer.png"}
+
+
+def fmt(value: Any, kind: str) -> str:
+    """How each kind of number is printed in report.md (tests use this to find the numbers)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if kind == "psnr":
+        return f"{value:.2f}"
+    if kind in ("ssim", "accuracy", "std", "threshold", "l1", "loss", "norm"):
+        return f"{value:.4f}"
+    if kind == "mse":
+        return f"{value:.5f}"
+    if kind in ("srra", "rate"):
+        return f"{100 * value:.1f}%"
+    if kind == "seconds":
+        return f"{value:.0f} s"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows], ""]
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "—"
+
+
+def _setup(r: dict[str, Any]) -> list[str]:
+    b, d, dj, m = r["bundle"], r["data"], r["disjointness"], r["meta"]
+    rec = "; ".join(f"{name}: `{info['path']}` ({info['arch']}, split {info['split']})"
+                    for name, info in r["recognizers"].items())
+    shadow = b["shadow"]
+    check = (f"verified: the bundle shadow's {dj['shadow_identities']} identities and the attackers' "
+             f"{dj['attacker_identities']} identities are disjoint" if dj["verified"]
+             else "NOT verified: the bundle does not record its shadow identities (--allow-unknown-shadow-data)")
+    return [
+        "## Setup", "",
+        f"- Bundle `{b['path']}` version `{b['version']}`: shadow {shadow['arch']} width {shadow['width']} depth "
+        f"{shadow['depth']}, trained on {b['shadow_data'] or 'unrecorded data'}; bundle PGD defaults {_params(b['pgd'])}.",
+        f"- Recognisers: {rec}.",
+        f"- Verification set `{d['eval_root']}` with `{d['pairs_file']}`: {d['pairs']} pairs over {d['eval_faces']} faces "
+        f"of {d['eval_identities']} identities.",
+        f"- Attack data `{d['attack_root']}`: defender half {d['defender_faces']} faces / {d['defender_identities']} "
+        f"identities, attacker half {d['attacker_faces']} faces / {d['attacker_identities']} identities; "
+        f"{d['eval_attack_overlap']} verification identities also occur in the attack data.",
+        f"- Identity disjointness: {check}.",
+        f"- Replay threshold (best clean verification accuracy over all pairs): {fmt(r['threshold'], 'threshold')}.",
+        f"- Device {m['device']}, torch {m['torch']}, seed {r['config']['seed']}, "
+        f"{'QUICK smoke run (tiny models, not meaningful numbers)' if r['config']['quick'] else 'full run'}, "
+        f"{fmt(m['seconds'], 'seconds')} in total; created {m['created']}.", "",
+    ]
+
+
+def _networks(r: dict[str, Any]) -> list[str]:
+    nets = [*r["networks"]["attackers"].values()]
+    if "adaptive" in r["networks"]:
+        nets += [r["networks"]["adaptive"]["shadow"], r["networks"]["adaptive"]["attacker"]]
+    nets += [t for t in r["networks"]["transfer_shadows"].values() if isinstance(t, dict)]
+    rows = [[n["label"], n["role"], n["arch"], str(n["width"]), str(n["depth"]), str(n["epochs"]), str(n["seed"]),
+             str(n["train_faces"]), str(n["train_identities"]), fmt(n["val_psnr"], "psnr"), fmt(n["val_ssim"], "ssim"),
+             "yes" if n["from_cache"] else "no"] for n in nets]
+    return ["## Reconstruction networks", "",
+            "Attackers train on the attacker half only; defender shadows (transfer matrix) on the defender half; "
+            "validation on every 20th face of their own half, from clean features (protected ones for the adaptive "
+            "attacker).", "",
+            *_table(["network", "role", "arch", "width", "depth", "epochs", "seed", "train faces", "identities",
+                     "val PSNR", "val SSIM", "cached"], rows)]
+
+
+def _utility(r: dict[str, Any]) -> list[str]:
+    heads = list(r["clean"])
+    header = ["protector", "parameters", *[f"accuracy ({h})" for h in heads], "mean perturbation", "shadow L1 before → after"]
+    def acc(v: dict[str, Any]) -> str:
+        return f"{fmt(v['accuracy'], 'accuracy')} ± {fmt(v['std'], 'std')}"
+
+    rows = [["clean (no storage)", "—", *[acc(r["clean"][h]) for h in heads], "—", "—"]]
+    for name, rec in r["main"].items():
+        shadow = (f"{fmt(rec['shadow_loss_before'], 'l1')} → {fmt(rec['shadow_loss_after'], 'l1')}"
+                  if "shadow_loss_before" in rec else "—")
+        rows.append([name, _params(rec["params"]),
+                     *[acc(rec["utility"][h]) for h in heads],
+                     fmt(rec["perturbation_norm"], "norm"), shadow])
+    notes = ["## Utility: verification accuracy", "",
+             "10-fold LFW protocol on the pairs. The left face of each pair is enrolled: its feature is protected "
+             "(batches of the configured size, identities mixed) and embedded by the server-side head; the right face "
+             "is a clean probe embedded by the full recogniser."]
+    if "finetuned" in heads:
+        notes.append("The `finetuned` column uses the head from `advface finetune-head` (offline mode), "
+                     "the `recognizer` column the original head: before vs after fine-tuning.")
+    return [*notes, "", *_table(header, rows)]
+
+
+def _privacy(r: dict[str, Any]) -> list[str]:
+    attackers = list(next(iter(r["main"].values()))["privacy"])
+    out = ["## Privacy: reconstruction from stored features", "",
+           "Each attacker inverts the stored features of the verification faces. Higher PSNR/SSIM, lower MSE and higher "
+           "SRRA mean more of the face leaks. SRRA: share of reconstructions whose embedding matches the ORIGINAL "
+           "image's embedding at the replay threshold; SRRA (other image): the same against a different image of the "
+           "same identity. Columns marked +adaptive: the attacker that knows the defence (its own shadow, AdvFace on "
+           "its own faces, trained on protected features); the others are the paper's setting (trained on clean "
+           "features).", ""]
+    for metric, title, kind in (("psnr", "PSNR (dB), mean ± std over faces", "psnr"), ("ssim", "SSIM", "ssim"),
+                                ("mse", "MSE", "mse"), ("srra", "SRRA (replay vs original image)", "srra"),
+                                ("srra_other", "SRRA (replay vs another image of the identity)", "srra")):
+        rows = []
+        for name, rec in r["main"].items():
+            cells = []
+            for a in attackers:
+                p = rec["privacy"][a]
+                cell = fmt(p[metric], kind)
+                if metric in ("psnr", "ssim", "mse"):
+                    cell += f" ± {fmt(p[metric + '_std'], kind)}"
+                cells.append(cell)
+            rows.append([name, *cells])
+        out += [f"### {title}", "", *_table(["protector", *attackers], rows)]
+    return out
+
+
+def _tradeoff(r: dict[str, Any], figure: str | None) -> list[str]:
+    if not r["tradeoff"]:
+        return []
+    rows = [[p["protector"], p["knob"], fmt(p["value"], ""), fmt(p["accuracy"], "accuracy"), p["worst_attacker"],
+             fmt(p["psnr"], "psnr"), fmt(p["ssim"], "ssim"), fmt(p["srra"], "srra")] for p in r["tradeoff"]]
+    out = ["## Privacy-utility trade-off", "",
+           "Protection strength swept per protector (eps: PGD radius for advface and random; dp_epsilon: the DP budget, "
+           "smaller is noisier). Privacy is that of the strongest paper-setting attacker (highest PSNR); SRRA the "
+           "highest over those attackers. advface at eps 0 stores E(S(z)) unperturbed.", "",
+           *_table(["protector", "knob", "value", "accuracy", "strongest attacker", "PSNR", "SSIM", "SRRA"], rows)]
+    if figure:
+        out += [f"![trade-off]({figure})", ""]
+    return out
+
+
+def _transfer(r: dict[str, Any], figure: str | None) -> list[str]:
+    t = r["transfer"]
+    if not t:
+        return []
+    out = ["## Transferability: AdvFace shadow architecture x attacker architecture", "",
+           "Rows: the shadow model AdvFace runs PGD against (the bundle's own, or a defender shadow of that "
+           "architecture trained on the defender half); columns: paper-setting attackers.", ""]
+    for metric, kind in (("psnr", "psnr"), ("ssim", "ssim"), ("srra", "srra")):
+        rows = [[f"{s} ({label})", *[fmt(v, kind) for v in t[metric][i]], fmt(t["accuracy"][i], "accuracy")]
+                for i, (s, label) in enumerate(zip(t["shadows"], t["shadow_labels"]))]
+        out += [f"### {metric.upper()}", "", *_table(["shadow", *t["attackers"], "accuracy"], rows)]
+    if figure:
+        out += [f"![transferability]({figure})", ""]
+    return out
+
+
+def render_report(r: dict[str, Any]) -> str:
+    """report.md's text from a results dict (as written to results.json)."""
+    figs = r.get("figures", {})
+    lines = ["# AdvFace Guard: privacy and utility evaluation", "",
+             f"Bundle `{r['bundle']['version']}`; main attacker for figures: `{r['main_attacker']}`. "
+             "Every number below is also in results.json.", "",
+             *_setup(r), *_networks(r), *_utility(r), *_privacy(r)]
+    if figs.get("reconstructions"):
+        lines += ["## Reconstructions", "",
+                  f"Original faces and what `{r['main_attacker']}` recovers from each stored feature "
+                  "(and the adaptive attacker from AdvFace's).", "",
+                  f"![reconstructions]({figs['reconstructions']})", ""]
+    lines += [*_tradeoff(r, figs.get("tradeoff")), *_transfer(r, figs.get("transfer"))]
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict[str, Any], examples: dict[str, Any], out: Path) -> dict[str, str]:
+    """Draws the figures, then writes results.json and report.md into ``out``; returns the figure files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    main_attacker, adaptive = results["main_attacker"], results.get("adaptive_attacker")
+    if len(examples["faces"]):
+        columns: list[tuple[str, torch.Tensor]] = []
+        for name, recon in examples["columns"]:
+            columns.append(("unprotected" if name == "none" else name, recon[main_attacker]))
+            if name == "advface" and adaptive and adaptive in recon:
+                columns.append((f"advface\n({adaptive})", recon[adaptive]))
+        figures.reconstruction_grid(examples["faces"], columns, out / FIGURES["reconstructions"])
+        made["reconstructions"] = FIGURES["reconstructions"]
+    if results["tradeoff"]:
+        none = results["main"]["none"]
+        attackers = list(results["networks"]["attackers"])
+        worst = max(attackers, key=lambda a: none["privacy"][a]["psnr"])
+        reference = {"psnr": none["privacy"][worst]["psnr"], "ssim": none["privacy"][worst]["ssim"],
+                     "accuracy": none["utility"]["recognizer"]["accuracy"]}
+        figures.tradeoff_curve(results["tradeoff"], reference, out / FIGURES["tradeoff"])
+        made["tradeoff"] = FIGURES["tradeoff"]
+    t = results["transfer"]
+    if t:
+        figures.transfer_heatmap([f"{s}\n({label})" for s, label in zip(t["shadows"], t["shadow_labels"])],
+                                 t["attackers"], t["psnr"], t["ssim"], out / FIGURES["transfer"])
+        made["transfer"] = FIGURES["transfer"]
+    results["figures"] = made
+    clean = _clean(results)
+    (out / RESULTS).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    (out / REPORT).write_text(render_report(clean) + "\n")
+    return made

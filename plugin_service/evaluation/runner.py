@@ -1,0 +1,220 @@
+"""`advface evaluate`: privacy and utility of every protector against attackers the defender never saw.
+
+Order of work (each step logs what it does; long ones show progress bars):
+
+1. Load the bundle and recogniser(s), check they share E, load the verification faces and the
+   attack data, and refuse to go on if the attackers' identities overlap the bundle shadow's.
+2. Train (or load from the cache) one attacker per architecture on the attacker half, the
+   adaptive attacker, and the defender's transfer shadows on the defender half.
+3. Embed the clean faces; the clean verification threshold is the replay attack's threshold.
+4. One streamed pass per distinct protector setting: the main table, the eps trade-off sweep
+   and the transferability matrix share passes whenever their protector settings coincide.
+5. Write results.json, the figures and report.md under ``cfg.out``.
+
+The numbers are returned as the same dict that results.json holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import nn
+
+from plugin_service.bundle import Bundle, default_recognizer_path, load_bundle
+from plugin_service.evaluation.adaptive import train_adaptive_attacker
+from plugin_service.evaluation.attackers import TrainedNet, train_attackers, train_transfer_shadows
+from plugin_service.evaluation.cache import ModelCache
+from plugin_service.evaluation.config import EvaluationConfig
+from plugin_service.evaluation.consistency import require_same_extractor
+from plugin_service.evaluation.data import EvalFaces, batch_order, load_attack_data, load_eval_faces, pick_examples
+from plugin_service.evaluation.disjointness import check_disjoint
+from plugin_service.evaluation.pipeline import PassOutputs, embed_images, run_pass
+from plugin_service.evaluation.privacy import summarize
+from plugin_service.evaluation.protection import make_protector, with_eps
+from plugin_service.evaluation.replay import replay_attack
+from plugin_service.evaluation.utility import verification_summary, verify
+from plugin_service.models.recognizer import Recognizer, load_recognizer
+from plugin_service.protect.registry import ProtectorParams
+from plugin_service.training.loop import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+PRIMARY = "recognizer"
+FINETUNED = "finetuned"
+SWEEP_KNOB = {"advface": "eps", "random": "eps", "dp": "dp_epsilon"}
+
+
+class PassRunner:
+    """Runs each distinct protector setting once over the verification faces and summarises it.
+
+    Passes are memoised on (protector, its resolved parameters, shadow), so the sweep point at
+    the main table's eps and the transfer row of the bundle's own shadow cost nothing extra.
+    Reconstructions of the example faces are kept (outside results.json) for the figure.
+    """
+
+    def __init__(self, cfg: EvaluationConfig, bundle: Bundle, faces: EvalFaces, attackers: dict[str, nn.Module],
+                 heads: dict[str, Recognizer], clean: dict[str, torch.Tensor], threshold: float,
+                 device: torch.device) -> None:
+        self.cfg, self.bundle, self.faces, self.attackers, self.heads = cfg, bundle, faces, attackers, heads
+        self.clean, self.threshold, self.device = clean, threshold, device
+        self.order = batch_order(len(faces), cfg.seed)
+        self.examples = pick_examples(faces.names, cfg.examples)
+        self.records: dict[str, dict[str, Any]] = {}
+        self.example_images: dict[str, dict[str, torch.Tensor]] = {}
+
+    def run(self, name: str, params: ProtectorParams, shadow: nn.Module | None = None,
+            shadow_label: str = "bundle") -> dict[str, Any]:
+        protector = make_protector(name, self.bundle, params, shadow=shadow,
+                                   generator=torch.Generator().manual_seed(self.cfg.seed))
+        key = json.dumps([name, protector.params(), shadow_label if name == "advface" else None], sort_keys=True)
+        if key in self.records:
+            return self.records[key]
+        label = f"{name} {json.dumps(protector.params(), sort_keys=True)}"
+        label += f" shadow={shadow_label}" if name == "advface" else ""
+        log.info("pass: %s", label)
+        out = run_pass(self.faces.images, self.order, self.bundle.extractor, protector, self.attackers, self.heads,
+                       self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name)
+        record = self._summarise(name, protector.params(), shadow_label if name == "advface" else None, out)
+        log.info("pass %s took %.1f s", label, out.seconds)
+        self.records[key] = record
+        self.example_images[key] = {a: o.examples for a, o in out.attacks.items()}
+        record["key"] = key
+        return record
+
+    def _summarise(self, name: str, params: dict[str, Any], shadow_label: str | None, out: PassOutputs) -> dict[str, Any]:
+        privacy = {}
+        for attacker, result in out.attacks.items():
+            replay = replay_attack(result.embeddings, self.clean[PRIMARY], self.faces.names, self.threshold)
+            privacy[attacker] = summarize(result, replay).to_json()
+        utility = {head: verification_summary(verify(out.feature_embeddings[head], self.clean[head], self.faces.pairs))
+                   for head in self.heads}
+        record: dict[str, Any] = {
+            "protector": name, "params": params, "shadow": shadow_label, "privacy": privacy, "utility": utility,
+            "perturbation_norm": float(out.perturbation_norm.mean()), "seconds": out.seconds,
+        }
+        if out.shadow_loss_before is not None and out.shadow_loss_after is not None:
+            record["shadow_loss_before"] = float(out.shadow_loss_before.mean())
+            record["shadow_loss_after"] = float(out.shadow_loss_after.mean())
+        return record
+
+
+def _load_heads(cfg: EvaluationConfig, bundle: Bundle, device: torch.device) -> tuple[dict[str, Recognizer], dict[str, Any]]:
+    paths = {PRIMARY: cfg.recognizer or default_recognizer_path()}
+    if cfg.finetuned_recognizer is not None:
+        paths[FINETUNED] = cfg.finetuned_recognizer
+    heads, info = {}, {}
+    for name, path in paths.items():
+        model = load_recognizer(path).to(device).eval()
+        require_same_extractor(model, bundle, "fine-tuned recogniser" if name == FINETUNED else "recogniser")
+        heads[name] = model
+        info[name] = {"path": str(path), **asdict(model.spec)}
+    return heads, info
+
+
+def _sweep_point(record: dict[str, Any], knob: str, value: float, paper_attackers: list[str]) -> dict[str, Any]:
+    """One trade-off point: accuracy and the strongest paper-setting attacker's privacy numbers."""
+    worst = max(paper_attackers, key=lambda a: record["privacy"][a]["psnr"])
+    return {
+        "protector": record["protector"], "knob": knob, "value": value,
+        "accuracy": record["utility"][PRIMARY]["accuracy"], "accuracy_std": record["utility"][PRIMARY]["std"],
+        "worst_attacker": worst, "psnr": record["privacy"][worst]["psnr"], "ssim": record["privacy"][worst]["ssim"],
+        "srra": max(record["privacy"][a]["srra"] for a in paper_attackers),
+        "per_attacker": {a: {k: record["privacy"][a][k] for k in ("psnr", "ssim", "srra")} for a in record["privacy"]},
+    }
+
+
+def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
+    """Runs the whole evaluation and writes the report; returns the results.json dict."""
+    from plugin_service.evaluation.report import write_outputs
+
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    bundle = load_bundle(cfg.bundle).to(device)
+    heads, recognizer_info = _load_heads(cfg, bundle, device)
+    attack = load_attack_data(cfg.attack_data, cfg.attack_limit_per_identity, cfg.attack_max_identities)
+    disjoint = check_disjoint(bundle.manifest, attack.attacker.identities, cfg.allow_unknown_shadow_data)
+    faces = load_eval_faces(cfg.data, cfg.pairs, cfg.pairs_per_fold)
+    eval_overlap = sorted(set(faces.identities) & (set(attack.attacker.identities) | set(attack.defender.identities)))
+    if eval_overlap:
+        log.warning("%d verification identities also appear in --attack-data; privacy numbers may be optimistic "
+                    "for the attacker", len(eval_overlap))
+    protectors = list(dict.fromkeys(["none", *cfg.protectors]))  # 'none' is every table's reference row
+    with_advface = "advface" in protectors
+    base = ProtectorParams(steps=cfg.pgd_steps, alpha=cfg.pgd_alpha, eps=cfg.protector_eps,
+                           dp_epsilon=cfg.dp_epsilon, dp_bound=cfg.dp_bound)
+
+    cache = ModelCache(cfg.resolved_cache_dir())
+    paper_attackers = train_attackers(cfg, bundle, attack, cache, device)
+    networks: dict[str, Any] = {"attackers": {k: v.summary() for k, v in paper_attackers.items()}}
+    all_attackers: dict[str, TrainedNet] = dict(paper_attackers)
+    if cfg.adaptive_attacker and with_advface:
+        own_shadow, adaptive = train_adaptive_attacker(cfg, bundle, attack, base, cache, device)
+        all_attackers[adaptive.label] = adaptive
+        networks["adaptive"] = {"shadow": own_shadow.summary(), "attacker": adaptive.summary()}
+    transfer_shadows = train_transfer_shadows(cfg, bundle, attack, cache, device) if with_advface else {}
+    networks["transfer_shadows"] = {a: (t.summary() if t else "bundle") for a, t in transfer_shadows.items()}
+
+    clean = {name: embed_images(model, faces.images, device, desc=f"clean embeddings ({name})")
+             for name, model in heads.items()}
+    clean_verification = {name: verify(clean[name], clean[name], faces.pairs) for name in heads}
+    threshold = clean_verification[PRIMARY].threshold
+    log.info("clean verification accuracy %.4f, replay threshold %.4f", clean_verification[PRIMARY].accuracy, threshold)
+
+    passes = PassRunner(cfg, bundle, faces, {k: v.model.to(device) for k, v in all_attackers.items()}, heads,
+                        clean, threshold, device)
+    main = {name: passes.run(name, base) for name in protectors}
+    tradeoff = []
+    for name in (p for p in protectors if p in SWEEP_KNOB):
+        values = cfg.dp_epsilons if name == "dp" else cfg.eps
+        for value in values:
+            record = passes.run(name, with_eps(base, name, value))
+            tradeoff.append(_sweep_point(record, SWEEP_KNOB[name], value, list(paper_attackers)))
+    transfer: dict[str, Any] = {}
+    if transfer_shadows:
+        rows = []
+        for arch, trained in transfer_shadows.items():
+            shadow = None if trained is None else trained.model.to(device)
+            label = "bundle" if trained is None else f"defender-{arch}"
+            rows.append(passes.run("advface", base, shadow=shadow, shadow_label=label))
+        transfer = {
+            "shadows": list(transfer_shadows), "shadow_labels": [r["shadow"] for r in rows],
+            "attackers": list(paper_attackers),
+            **{m: [[r["privacy"][a][m] for a in paper_attackers] for r in rows] for m in ("psnr", "ssim", "srra")},
+            "accuracy": [r["utility"][PRIMARY]["accuracy"] for r in rows],
+        }
+
+    results: dict[str, Any] = {
+        "meta": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+                 "torch": torch.__version__, "python": platform.python_version(),
+                 "seconds": time.perf_counter() - started},
+        "config": cfg.to_json(),
+        "bundle": {"path": str(bundle.path), "version": bundle.version, "content_hash": bundle.content_hash,
+                   "shadow": asdict(bundle.manifest.shadow), "pgd": asdict(bundle.manifest.pgd),
+                   "shadow_data": bundle.manifest.provenance.get("shadow_data")},
+        "recognizers": recognizer_info,
+        "data": {"eval_root": str(cfg.data), "pairs_file": str(cfg.pairs), "pairs": len(faces.pairs),
+                 "eval_faces": len(faces), "eval_identities": len(faces.identities),
+                 "attack_root": str(cfg.attack_data), "defender_faces": len(attack.defender),
+                 "defender_identities": len(attack.defender.identities), "attacker_faces": len(attack.attacker),
+                 "attacker_identities": len(attack.attacker.identities), "eval_attack_overlap": len(eval_overlap)},
+        "disjointness": asdict(disjoint),
+        "networks": networks,
+        "threshold": threshold,
+        "clean": {name: verification_summary(v) for name, v in clean_verification.items()},
+        "main_attacker": cfg.attackers[0],
+        "adaptive_attacker": networks["adaptive"]["attacker"]["label"] if "adaptive" in networks else None,
+        "main": main,
+        "tradeoff": tradeoff,
+        "transfer": transfer,
+    }
+    examples = {"faces": faces.images[passes.examples].float().div(255.0),
+                "columns": [(name, passes.example_images[main[name]["key"]]) for name in protectors]}
+    write_outputs(results, examples, cfg.out)
+    return results

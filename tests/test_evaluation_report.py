@@ -1,0 +1,136 @@
+"""End to end on tiny synthetic data: `evaluate` writes report files holding the numbers it computed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from plugin_service.evaluation.cache import ModelCache
+from plugin_service.evaluation.config import EvaluationConfig
+from plugin_service.evaluation.data import load_eval_faces
+from plugin_service.evaluation.metrics import psnr
+from plugin_service.evaluation.report import FIGURES, REPORT, RESULTS, _clean, fmt
+from plugin_service.evaluation.runner import run_evaluation
+from plugin_service.evaluation.synthetic import write_bundle, write_face_folder, write_pairs, write_recognizer
+from plugin_service.evaluation.verification import cosine_similarity, kfold_accuracy
+from plugin_service.faces import split_identities
+from plugin_service.models.recognizer import load_recognizer
+from plugin_service.models.shadow import ShadowSpec
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EvaluationConfig, dict]]:
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ADVFACE_NO_PROGRESS", "1")
+    root = tmp_path_factory.mktemp("e2e")
+    public = write_face_folder(root / "public", 8, 3, seed=1, prefix="pub")
+    dev = write_face_folder(root / "dev", 4, 3, seed=2, prefix="dev")
+    write_pairs(root / "pairs.txt", dev, 3)
+    extractor = write_bundle(root / "bundle", spec=ShadowSpec("resrec", 4, 1), shadow_identities=split_identities(public)[0])
+    write_recognizer(root / "rec.safetensors", extractor)
+    write_recognizer(root / "tuned.safetensors", extractor, seed=7)  # stands in for a fine-tuned head
+    cfg = EvaluationConfig.create(
+        quick=True, data=root / "dev", pairs=root / "pairs.txt", attack_data=root / "public", out=root / "report",
+        bundle=root / "bundle", recognizer=root / "rec.safetensors", finetuned_recognizer=root / "tuned.safetensors",
+        attackers=("transrec",), adaptive_attacker="transrec", transfer_shadows=("resrec", "transrec"),
+        eps=(0.0, 0.2), dp_epsilons=(2.0,), pgd_steps=1, examples=2, cache_dir=root / "cache", device="cpu")
+    yield cfg, run_evaluation(cfg)
+    patch.undo()
+
+
+@pytest.mark.slow
+def test_report_files_exist_and_results_json_is_what_the_run_returned(run: tuple[EvaluationConfig, dict]) -> None:
+    cfg, results = run
+    for name in (REPORT, RESULTS, *FIGURES.values()):
+        assert (cfg.out / name).is_file(), name
+    for name in FIGURES.values():
+        assert (cfg.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((cfg.out / RESULTS).read_text())
+    assert on_disk == json.loads(json.dumps(_clean(results)))
+    assert on_disk["figures"] == FIGURES
+
+
+@pytest.mark.slow
+def test_the_report_shows_every_main_number(run: tuple[EvaluationConfig, dict]) -> None:
+    cfg, results = run
+    report = (cfg.out / REPORT).read_text()
+    assert fmt(results["threshold"], "threshold") in report
+    for head in ("recognizer", "finetuned"):
+        assert fmt(results["clean"][head]["accuracy"], "accuracy") in report
+    assert set(results["main"]) == {"none", "random", "dp", "advface"}
+    for name, record in results["main"].items():
+        assert set(record["privacy"]) == {"transrec", "transrec+adaptive"}
+        for head in ("recognizer", "finetuned"):
+            cell = f"{fmt(record['utility'][head]['accuracy'], 'accuracy')} ± {fmt(record['utility'][head]['std'], 'std')}"
+            assert cell in report, (name, head)
+        for summary in record["privacy"].values():
+            assert f"{fmt(summary['psnr'], 'psnr')} ± {fmt(summary['psnr_std'], 'psnr')}" in report
+            assert f"{fmt(summary['ssim'], 'ssim')} ± {fmt(summary['ssim_std'], 'ssim')}" in report
+            assert fmt(summary["srra"], "srra") in report
+    for point in results["tradeoff"]:
+        row = (f"| {point['protector']} | {point['knob']} | {fmt(point['value'], '')} | {fmt(point['accuracy'], 'accuracy')} "
+               f"| {point['worst_attacker']} | {fmt(point['psnr'], 'psnr')} |")
+        assert row in report
+    t = results["transfer"]
+    for i, shadow in enumerate(t["shadows"]):
+        row = f"| {shadow} ({t['shadow_labels'][i]}) | {fmt(t['psnr'][i][0], 'psnr')} | {fmt(t['accuracy'][i], 'accuracy')} |"
+        assert row in report
+
+
+@pytest.mark.slow
+def test_the_numbers_match_an_independent_recomputation(run: tuple[EvaluationConfig, dict]) -> None:
+    cfg, results = run
+    faces = load_eval_faces(cfg.data, cfg.pairs)
+    assert results["data"]["eval_faces"] == len(faces) and results["data"]["pairs"] == 20
+    x = faces.images.float() / 255
+    recognizer = load_recognizer(cfg.recognizer).eval()
+    with torch.no_grad():
+        emb = recognizer(x)
+    scores = cosine_similarity(emb[faces.pairs.left], emb[faces.pairs.right])
+    clean = kfold_accuracy(scores, faces.pairs.same, faces.pairs.folds)
+    assert results["clean"]["recognizer"]["accuracy"] == pytest.approx(clean.accuracy)
+    assert results["threshold"] == pytest.approx(clean.threshold, abs=1e-5)
+    # With no protection, the stored feature is E(x): utility equals clean verification.
+    assert results["main"]["none"]["utility"]["recognizer"]["accuracy"] == pytest.approx(clean.accuracy)
+    # The attacker, reloaded from the cache, reconstructs E(x) to the reported PSNR.
+    key = next(k for k in (p.stem for p in cfg.cache_dir.glob("*.safetensors"))  # type: ignore[union-attr]
+               if k.startswith(results["networks"]["attackers"]["transrec"]["cache_key"]))
+    spec = ShadowSpec("transrec", cfg.attacker_width, cfg.attacker_depth)  # type: ignore[arg-type]
+    attacker, _ = ModelCache(cfg.cache_dir).load(key, spec)  # type: ignore[misc]
+    with torch.no_grad():
+        expected = psnr(attacker(recognizer.extractor(x)), x).mean().item()
+    assert results["main"]["none"]["privacy"]["transrec"]["psnr"] == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_sweep_transfer_and_attackers_are_consistent(run: tuple[EvaluationConfig, dict]) -> None:
+    cfg, results = run
+    points = results["tradeoff"]
+    assert [(p["protector"], p["value"]) for p in points] == [
+        ("random", 0.0), ("random", 0.2), ("dp", 2.0), ("advface", 0.0), ("advface", 0.2)]
+    # The sweep point at the main table's setting is the main table's pass.
+    main = results["main"]["advface"]
+    at_main = next(p for p in points if p["protector"] == "advface" and p["value"] == main["params"]["eps"])
+    assert at_main["psnr"] == main["privacy"]["transrec"]["psnr"]
+    assert at_main["accuracy"] == main["utility"]["recognizer"]["accuracy"]
+    # Random noise with eps 0 stores E(x) unchanged.
+    random0 = next(p for p in points if p["protector"] == "random" and p["value"] == 0.0)
+    assert random0["psnr"] == pytest.approx(results["main"]["none"]["privacy"]["transrec"]["psnr"])
+    assert main["perturbation_norm"] == pytest.approx(main["params"]["eps"], abs=1e-6)
+    t = results["transfer"]
+    assert t["shadows"] == ["resrec", "transrec"] and t["shadow_labels"] == ["bundle", "defender-transrec"]
+    assert t["psnr"][0][0] == main["privacy"]["transrec"]["psnr"]  # the bundle's row is the main pass
+    nets = results["networks"]
+    assert nets["transfer_shadows"]["resrec"] == "bundle"
+    assert nets["transfer_shadows"]["transrec"]["role"] == "shadow"
+    assert nets["adaptive"]["attacker"]["label"] == "transrec+adaptive"
+    assert nets["adaptive"]["shadow"]["arch"] == "resrec"  # the attacker copies the defence's architecture
+    assert nets["attackers"]["transrec"]["width"] != results["bundle"]["shadow"]["width"]
+    defender, attacker = split_identities([f"pub_{i:03d}" for i in range(8)])
+    assert results["disjointness"] == {"shadow_identities": len(defender), "attacker_identities": len(attacker),
+                                       "overlap": 0, "verified": True}
+    assert np.isfinite(results["main"]["advface"]["shadow_loss_after"])

@@ -1,0 +1,307 @@
+"""End to end over a real loopback socket: streams, big batches, errors, health, drain, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from advface.v1 import plugin_pb2 as pb
+from advface.v1 import plugin_pb2_grpc as pb_grpc
+from advface_client import BatchError, GuardClient, Options
+from plugin_service.bundle import load_bundle
+from plugin_service.models.shadow import batch_statistics
+from plugin_service.server.codec import decode_response_chunks, encode_request
+from tests.conftest import LiveServer, free_port
+
+RNG = np.random.default_rng(0)
+
+
+def features(n: int, dtype: type = np.float32) -> np.ndarray:
+    return (RNG.random((n, 64, 77, 77)) * 0.5).astype(dtype)
+
+
+def shadow_feature(bundle_path: Path, z: np.ndarray) -> np.ndarray:
+    """z~ = E(S(z)) with batch statistics, computed independently of the service."""
+    b = load_bundle(bundle_path)
+    with torch.no_grad(), batch_statistics():
+        return b.extractor(b.shadow(torch.from_numpy(z).float())).numpy()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_two_batch_stream_keeps_ids_order_and_eps_bound(live_server: LiveServer, tiny_bundle: Path) -> None:
+    a, b = features(3), features(5)
+    with GuardClient(live_server.address) as client:
+        results = list(client.protect_stream([("first", a), ("second", b)]))
+    assert [r.batch_id for r in results] == ["first", "second"]
+    for r, z in zip(results, (a, b), strict=True):
+        assert r.error is None and r.features.shape == z.shape and len(r.stats) == len(z)
+        assert np.abs(r.features - shadow_feature(tiny_bundle, z)).max() <= 0.2 + 1e-5
+        assert all(0 < s.perturbation_norm <= 0.2 + 1e-6 for s in r.stats)
+        assert r.model_version == load_bundle(tiny_bundle).version
+
+
+@pytest.mark.slow
+def test_256_face_float32_batch_round_trips_with_default_settings(live_server: LiveServer) -> None:
+    z = features(256)
+    assert z.nbytes > 300 * 2**20  # ~390 MB: far above any default message limit
+    with GuardClient(live_server.address) as client:
+        result = client.protect(z, batch_id="big")
+    assert result.batch_id == "big" and result.features.shape == (256, 64, 77, 77)
+    assert result.features.dtype == np.float32 and len(result.stats) == 256
+    assert np.isfinite(result.features).all()
+
+
+def test_float16_on_the_wire(live_server: LiveServer) -> None:
+    z = features(2, np.float16)
+    with GuardClient(live_server.address) as client:
+        result = client.protect(z)
+    assert result.features.dtype == np.float16 and result.features.shape == z.shape
+
+
+def _raw_stream(address: str, messages: list[pb.ProtectRequest]) -> list:
+    with grpc.insecure_channel(address) as channel:
+        responses = list(pb_grpc.AdvFaceGuardStub(channel).ProtectStream(iter(messages), timeout=120))
+    grouped, chunks = [], []
+    for msg in responses:
+        chunks.append(msg)
+        if len(chunks) == max(1, chunks[0].chunk_count):
+            grouped.append(decode_response_chunks(chunks))
+            chunks = []
+    return grouped
+
+
+def _single(bid: str, z: np.ndarray, options: Options = Options(), **fields: object) -> pb.ProtectRequest:
+    (msg,) = encode_request(bid, z, options, chunk_bytes=8 << 20)
+    for k, v in fields.items():
+        if k == "shape":
+            del msg.shape[:]
+            msg.shape.extend(v)  # type: ignore[arg-type]
+        else:
+            setattr(msg, k, v)
+    return msg
+
+
+def test_each_malformed_batch_fails_alone(live_server: LiveServer) -> None:
+    good = features(2)
+    nan = good.copy()
+    nan[1, 3, 4, 5] = np.nan
+    chunked = list(encode_request("broken-chunks", features(2), chunk_bytes=100_000))
+    messages = [
+        _single("ok-1", good),
+        _single("wrong-shape", features(2)[:, :32], shape=[2, 32, 77, 77]),
+        _single("wrong-dtype", good, datatype=7),
+        _single("nan", nan),
+        _single("short-bytes", good, raw_data=good.tobytes()[:-8]),
+        _single("unknown-protector", good, Options(protector="blur")),
+        _single("disabled-protector", good, Options(protector="none")),
+        _single("steps-out-of-policy", good, Options(steps=1000)),
+        _single("eps-out-of-policy", good, Options(eps=0.001)),
+        *chunked[:2], *chunked[3:],  # chunk 2 missing
+        _single("ok-2", good),
+    ]
+    results = _raw_stream(live_server.address, messages)
+    codes = {r.batch_id: (r.error.code if r.error else grpc.StatusCode.OK) for r in results}
+    assert [r.batch_id for r in results] == [
+        "ok-1", "wrong-shape", "wrong-dtype", "nan", "short-bytes", "unknown-protector", "disabled-protector",
+        "steps-out-of-policy", "eps-out-of-policy", "broken-chunks", "ok-2"]
+    assert codes == {
+        "ok-1": grpc.StatusCode.OK, "wrong-shape": grpc.StatusCode.INVALID_ARGUMENT,
+        "wrong-dtype": grpc.StatusCode.INVALID_ARGUMENT, "nan": grpc.StatusCode.INVALID_ARGUMENT,
+        "short-bytes": grpc.StatusCode.INVALID_ARGUMENT, "unknown-protector": grpc.StatusCode.INVALID_ARGUMENT,
+        "disabled-protector": grpc.StatusCode.PERMISSION_DENIED, "steps-out-of-policy": grpc.StatusCode.OUT_OF_RANGE,
+        "eps-out-of-policy": grpc.StatusCode.OUT_OF_RANGE, "broken-chunks": grpc.StatusCode.INVALID_ARGUMENT,
+        "ok-2": grpc.StatusCode.OK}
+    for r in results:
+        if r.error:
+            assert r.batch_id in str(r.error)
+    assert "NaN" in next(r for r in results if r.batch_id == "nan").error.detail
+
+
+def test_unary_errors_are_call_statuses(live_server: LiveServer) -> None:
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = pb_grpc.AdvFaceGuardStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Protect(_single("u", features(1), shape=[1, 64, 7, 7]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'u'" in info.value.details()
+        ok = stub.Protect(_single("v", features(1)))
+        assert ok.batch_id == "v" and list(ok.shape) == [1, 64, 77, 77]
+    with GuardClient(live_server.address) as client, pytest.raises(BatchError) as err:
+        client.protect(features(1), options=Options(eps=9.0))
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_model_info_health_and_reflection(live_server: LiveServer, tiny_bundle: Path) -> None:
+    with GuardClient(live_server.address) as client:
+        info = client.info()
+        assert info.model_version == load_bundle(tiny_bundle).version
+        assert list(info.feature_shape) == [64, 77, 77] and info.device == "cpu"
+        assert info.protector == "advface" and info.protector_params["steps"] == "3"
+        assert list(info.policy.protectors) == ["advface", "random", "dp"] and info.policy.max_batch == 256
+        assert client.health() == "SERVING" and client.health("advface.v1.AdvFaceGuard") == "SERVING"
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(live_server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (resp,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"advface.v1.AdvFaceGuard", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_move_by_exactly_what_the_calls_did(live_server: LiveServer) -> None:
+    before = scrape(live_server.metrics_url)
+    with GuardClient(live_server.address) as client:
+        results = list(client.protect_stream([("m1", features(3)), ("m2", features(4))]))
+        with pytest.raises(BatchError):
+            client.protect(features(1), batch_id="bad", options=Options(steps=999))
+    after = scrape(live_server.metrics_url)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # An RPC is counted when its handler returns, which can be just after the client has its answer.
+    deadline = time.monotonic() + 10
+    while delta("advface_requests_total", method="Protect", code="OUT_OF_RANGE") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = scrape(live_server.metrics_url)
+
+    assert all(r.error is None for r in results)
+    assert delta("advface_faces_protected_total", protector="advface") == 7
+    assert delta("advface_batches_total", method="ProtectStream", code="OK") == 2
+    assert delta("advface_batches_total", method="Protect", code="OUT_OF_RANGE") == 1
+    assert delta("advface_requests_total", method="ProtectStream", code="OK") == 1
+    assert delta("advface_requests_total", method="Protect", code="OUT_OF_RANGE") == 1
+    assert delta("advface_batch_size_faces_count") == 2 and delta("advface_batch_size_faces_sum") == 7
+    assert delta("advface_batch_size_faces_bucket", le="4.0") == 2 and delta("advface_batch_size_faces_bucket", le="2.0") == 0
+    assert delta("advface_shadow_loss_gain_ratio_count") == 7
+    assert delta("advface_perturbation_norm_count") == 7
+    assert delta("advface_compute_seconds_count") == 2 and delta("advface_queue_wait_seconds_count") == 2
+    assert delta("advface_batch_latency_seconds_count") == 2
+    assert delta("advface_wire_received_bytes_total") > 7 * 64 * 77 * 77 * 4
+    assert delta("advface_wire_sent_bytes_total") > 7 * 64 * 77 * 77 * 4
+    assert after[("advface_batches_in_flight", ())] == 0 and after[("advface_queue_depth", ())] == 0
+    assert after[("advface_memory_budget_reserved_bytes", ())] == 0
+    assert after[("advface_device_memory_bytes", ())] == 0  # CPU
+    info = next(k for k in after if k[0] == "advface_model_info")
+    assert dict(info[1])["device"] == "cpu" and dict(info[1])["protector"] == "advface"
+
+
+def test_full_queue_pushes_unary_calls_back_with_retry_info(start_live_server) -> None:  # noqa: ANN001
+    live = start_live_server(queue_size=1, workers=1)
+    z = features(2)
+    codes: list[grpc.StatusCode] = []
+    retry_hints: list[bool] = []
+
+    def call(i: int) -> None:
+        with grpc.insecure_channel(live.address) as channel:
+            try:
+                pb_grpc.AdvFaceGuardStub(channel).Protect(_single(f"c{i}", z, Options(steps=100)), timeout=120)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                keys = [k for k, _ in (e.trailing_metadata() or ())]
+                retry_hints.append("grpc-status-details-bin" in keys)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert retry_hints and all(retry_hints)
+
+
+def _serve(bundle: Path, port: int, metrics_port: int, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "plugin_service.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", *extra]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+
+
+def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path) -> None:
+    port = free_port()
+    proc = _serve(tiny_bundle, port, 0, "--warmup-faces", "48")
+    seen: list[str] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+                except grpc.RpcError:
+                    pass
+                if seen and seen[-1] == "SERVING":
+                    break
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert seen[0] == "NOT_SERVING" and seen[-1] == "SERVING"
+    assert seen.index("SERVING") > 0
+
+
+def test_sigterm_drains_a_batch_in_flight(tiny_bundle: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    proc = _serve(tiny_bundle, port, metrics_port, "--drain-seconds", "60")
+    try:
+        with GuardClient(f"127.0.0.1:{port}", max_retries=0) as client:
+            client.wait_until_serving()
+            outcome: dict[str, object] = {}
+
+            def call() -> None:
+                try:
+                    outcome["result"] = client.protect(features(8), batch_id="in-flight", options=Options(steps=30))
+                except Exception as e:  # noqa: BLE001
+                    outcome["error"] = e
+
+            t = threading.Thread(target=call)
+            t.start()
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            deadline = time.monotonic() + 60
+            while scrape(url).get(("advface_batches_in_flight", ()), 0) < 1:
+                assert time.monotonic() < deadline, "batch never reached the engine"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            t.join(timeout=120)
+        assert "error" not in outcome, outcome.get("error")
+        result = outcome["result"]
+        assert result.batch_id == "in-flight" and result.features.shape == (8, 64, 77, 77)
+        assert proc.wait(timeout=60) == 0
+        assert "draining" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_cancelled_stream_gives_back_memory_and_in_flight_slots(live_server: LiveServer) -> None:
+    with GuardClient(live_server.address) as client:
+        stream = client.protect_stream((f"c{i}", features(4)) for i in range(6))
+        assert next(stream).batch_id == "c0"
+        stream.close()  # the client walks away with batches queued and in flight
+    deadline = time.monotonic() + 60
+    while True:
+        m = scrape(live_server.metrics_url)
+        if m[("advface_batches_in_flight", ())] == 0 and m[("advface_memory_budget_reserved_bytes", ())] == 0:
+            break
+        assert time.monotonic() < deadline, "in-flight batches or reserved memory leaked"
+        time.sleep(0.1)
