@@ -126,11 +126,65 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from plugin_service.models.extractor import Extractor
+    from plugin_service.models.recognizer import LightHead
+    from plugin_service.models.shadow import ShadowSpec, build_shadow, count_parameters, flops_per_face
+
+    extractor = Extractor(args.split)
+    shape = extractor.feature_shape()
+    rows = [("E (client extractor)", extractor, (3, 160, 160)),
+            (f"light recogniser head (width {args.head_width})", LightHead(shape[0], args.head_width, 128), shape)]
+    for arch in SHADOW_ARCHS:
+        try:
+            rows.append((f"{arch} (width {args.width}, depth {args.depth})",
+                         build_shadow(ShadowSpec(arch, args.width, args.depth, shape[0], shape[1])), shape))
+        except ValueError as e:
+            print(f"{arch}: {e}")
+    print(f"split {args.split}: features {list(shape)} per face")
+    print(f"{'network':44s} {'parameters':>12s} {'GFLOPs/face':>12s}")
+    for name, model, input_shape in rows:
+        print(f"{name:44s} {count_parameters(model):12,d} {flops_per_face(model, input_shape) / 1e9:12.3f}")
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="print parameters and FLOPs per face of E, the head and each shadow architecture")
+    p.add_argument("--width", type=int, default=16, help="shadow width (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=2, help="shadow depth (default: %(default)s)")
+    p.add_argument("--head-width", type=int, default=32, help="light recogniser head width (default: %(default)s)")
+    p.add_argument("--split", default="conv2d_2b")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from plugin_service.benchmark import bench_engine, bench_service
+
+    bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps)
+    if args.service_batches:
+        bench_service(args.bundle, args.device, args.batch_sizes[-1], args.service_batches, args.steps)
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure engine and service throughput on this machine",
+                       description="Times the AdvFace engine on batches of real sample-face features, then "
+                       "(optionally) the whole service over gRPC on loopback. Prints measured numbers only.")
+    p.add_argument("--bundle", type=Path, help="bundle to benchmark (default: the embedded bundle)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="faces per batch")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size")
+    p.add_argument("--steps", type=int, help="PGD steps (default: the bundle's)")
+    p.add_argument("--service-batches", type=int, default=4,
+                   help="batches (of the largest size) to stream through a local server; 0 skips it")
+    p.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_serve, _add_train_recognizer, _add_train_shadow):
+    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow):
         add(sub)
     return parser
 
