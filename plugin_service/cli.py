@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from plugin_service.evaluation.cli_args import add_evaluate_parser, add_finetune_head_parser
+
 SHADOW_ARCHS = ("urec", "resrec", "transrec")
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Command] = {}
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow):
+    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow,
+                add_evaluate_parser, add_finetune_head_parser):
         add(sub)
     return parser
 

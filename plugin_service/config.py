@@ -35,6 +35,8 @@ class ServerSettings:
     max_steps: int = _opt(100, "largest PGD step count a client may ask for")
     min_eps: float = _opt(0.05, "smallest eps a client may ask for (smaller weakens the protection)")
     max_eps: float = _opt(0.5, "largest eps a client may ask for (larger costs accuracy)")
+    max_connection_age_s: float = _opt(300.0, "close client connections after this long (they reconnect), so new "
+                                       "replicas get traffic")
     drain_seconds: float = _opt(30.0, "on SIGTERM, how long in-flight batches may take before the server stops")
     torch_threads: int = _opt(0, "CPU threads for PyTorch (0: PyTorch's default)")
     warmup_faces: int = _opt(2, "faces in the warm-up batch run before health reports SERVING")

@@ -71,6 +71,13 @@ class Engine:
         z = rng.random((faces, *self.feature_shape), dtype=np.float32)
         return self.protect(z).compute_seconds
 
-    def memory_in_use(self) -> int:
-        """Device memory held by PyTorch's allocator, in bytes (0 on CPU)."""
-        return int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else 0
+    def peak_memory(self) -> int:
+        """Peak device memory allocated since the last call, in bytes (0 on CPU); PGD peaks mid-batch."""
+        if self.device.type != "cuda":
+            return 0
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def memory_capacity(self) -> int:
+        return int(torch.cuda.mem_get_info(self.device)[1]) if self.device.type == "cuda" else 0

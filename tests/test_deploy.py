@@ -397,3 +397,33 @@ def test_dockerfile_healthcheck_follows_grpc_health(live_server) -> None:  # noq
     finally:
         live_server.call(health.set("", health_pb2.HealthCheckResponse.SERVING))
     assert _run_healthcheck(port) == 0
+
+
+def test_docker_build_context_builds_the_package(tmp_path: Path) -> None:
+    """What Dockerfile.dockerignore lets into the build context is enough for `pip install /src`."""
+    import shutil
+    import zipfile
+
+    patterns = [p for p in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if p and not p.startswith("#")]
+    assert patterns[0] == "*"
+    included = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
+    excluded = [p.removeprefix("**/") for p in patterns[1:] if not p.startswith("!")]
+    context = tmp_path / "src"
+    context.mkdir()
+    for name in included:
+        source = DEPLOY.parent / name
+        if source.is_dir():
+            shutil.copytree(source, context / name, ignore=shutil.ignore_patterns(*excluded))
+        elif source.exists():
+            shutil.copy2(source, context / name)
+    result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                   "-w", str(tmp_path / "wheel"), str(context)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
+        scripts = z.read(entry_points).decode()
+    assert "advface = plugin_service.cli:main" in scripts and "advface-client = advface_client.cli:main" in scripts
+    assert {"advface/v1/plugin_pb2.py", "advface/v1/plugin_pb2_grpc.py", "plugin_service/server/app.py",
+            "advface_client/client.py"} <= set(names)

@@ -1,17 +1,20 @@
-"""Two real `advface serve` replicas behind client-side round-robin; one is killed mid-run.
+"""Two real `advface serve` replicas; one is killed mid-run and no batch is lost.
 
 The replicas are subprocesses on the tiny bundle, so a kill is a real kill: SIGKILL (a crash, a
 lost node) or SIGTERM (a rollout, a scale-in: drain, then exit). Several streams run at once
-through one GuardClient; round_robin spreads them over both replicas. Every batch must come back
-exactly once, in order, protected, and paired with its own input, though one replica dies while
-it holds unanswered batches: the client resends those to the survivor.
+through one GuardClient, spread over both replicas by client-side round_robin (what the headless
+Service in deploy/k8s gives) or by nginx (deploy/nginx/advface-grpc.conf; integration tests).
+Every batch must come back exactly once, in order, protected and from its own input, though one
+replica dies while it holds unanswered batches: the client resends those to the survivor.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +29,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from advface_client.client import GuardClient
+from plugin_service.server.codec import BatchError
 from tests.conftest import free_port
-from tests.test_deploy_support import ROOT
+from tests.test_deploy_support import ROOT, require_tool
 
 FEATURE_SHAPE = (64, 77, 77)
 STREAMS, BATCHES_PER_STREAM, FACES = 4, 6, 2
@@ -123,72 +127,185 @@ def _wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_two_replicas_one_killed_mid_run_loses_no_batch(replicas: tuple[Replica, Replica], sig: signal.Signals,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
-    a, b = replicas
+@dataclass
+class Run:
+    inputs: dict[int, list[tuple[str, np.ndarray]]]
+    results: dict[int, list]
+    served_by_a_before: float
+    served_by_b_before: float
+
+
+def _stream_and_kill(target: str, a: Replica, b: Replica, sig: signal.Signals) -> Run:
+    """STREAMS concurrent streams through ``target``; ``a`` gets ``sig`` once both replicas answered batches."""
     inputs = {k: _batches(k) for k in range(STREAMS)}
     results: dict[int, list] = {}
     errors: list[BaseException] = []
-    caplog.set_level(logging.WARNING, logger="advface_client.client")
-
-    with GuardClient(f"{a.address},{b.address}", max_retries=8, backoff_seconds=0.2) as client:
-        client.wait_until_serving(timeout=30)
-        # let round_robin connect to both replicas before the streams start (it only picks READY ones)
-        _wait_until(lambda: client.info() and a.info_calls() >= 1 and b.info_calls() >= 1, 15,
-                    "GetModelInfo calls answered by both replicas")
-
+    with GuardClient(target, max_retries=8, backoff_seconds=0.2) as client:
         def run(k: int) -> None:
             try:
                 results[k] = list(client.protect_stream(iter(inputs[k]), window=2))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
                 errors.append(e)
 
         threads = [threading.Thread(target=run, args=(k,), name=f"stream-{k}") for k in range(STREAMS)]
         for t in threads:
             t.start()
-        # kill `a` once both replicas have answered batches and streams are still running
         _wait_until(lambda: a.ok_batches() >= 2 and b.ok_batches() >= 1 or not any(t.is_alive() for t in threads),
                     60, "both replicas to serve batches")
-        served_by_a_before = a.ok_batches()
-        served_by_b_before = b.ok_batches()
+        served_by_a_before, served_by_b_before = a.ok_batches(), b.ok_batches()
         assert any(t.is_alive() for t in threads), "the run ended before the kill; make it longer"
         a.proc.send_signal(sig)
         for t in threads:
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "a stream hung after the kill"
+    assert errors == [], errors
+    assert served_by_a_before >= 2 and served_by_b_before >= 1  # the streams were spread over both replicas
+    return Run(inputs, results, served_by_a_before, served_by_b_before)
 
-    assert errors == []
-    assert served_by_a_before >= 2 and served_by_b_before >= 1  # both replicas served batches
-    total = STREAMS * BATCHES_PER_STREAM
-    for k, batches in inputs.items():
-        got = results[k]
-        assert [r.batch_id for r in got] == [bid for bid, _ in batches]  # each exactly once, in order
+
+def _check_answers(run: Run) -> None:
+    """Every batch answered exactly once, in order, without error, protected."""
+    for k, batches in run.inputs.items():
+        got = run.results[k]
+        assert [r.batch_id for r in got] == [bid for bid, _ in batches]
         for (bid, x), r in zip(batches, got, strict=True):
             assert r.error is None, (bid, r.error)
             assert r.features.shape == x.shape and np.isfinite(r.features).all()
-            assert not np.array_equal(r.features, x)  # protected
+            assert not np.array_equal(r.features, x)
             assert len(r.stats) == FACES
 
-    # the kill hit batches in flight: the client had to resend some
-    retries = [rec for rec in caplog.records if "retrying" in rec.getMessage()]
-    assert retries, "no stream was interrupted by the kill"
 
+def _check_retried(caplog: pytest.LogCaptureFixture) -> None:
+    """The kill hit batches in flight: the client had to resend some."""
+    assert [rec for rec in caplog.records if "retrying" in rec.getMessage()], "no stream was interrupted by the kill"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_two_replicas_one_killed_mid_run_loses_no_batch(replicas: tuple[Replica, Replica], sig: signal.Signals,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    a, b = replicas
+    caplog.set_level(logging.WARNING, logger="advface_client.client")
+    with GuardClient(f"{a.address},{b.address}") as client:
+        client.wait_until_serving(timeout=30)
+        # round_robin only picks connected replicas: let it connect to both before the streams start
+        _wait_until(lambda: client.info() and a.info_calls() >= 1 and b.info_calls() >= 1, 15,
+                    "GetModelInfo calls answered by both replicas")
+    run = _stream_and_kill(f"{a.address},{b.address}", a, b, sig)
+    _check_answers(run)
+    _check_retried(caplog)
     if sig == signal.SIGTERM:  # drained: exits by itself, cleanly, within the drain time
         assert a.proc.wait(timeout=DRAIN_SECONDS + 20) == 0, a.log.read_text()[-3000:]
         assert "draining" in a.log.read_text()
     else:
         assert a.proc.wait(timeout=10) == -signal.SIGKILL
-        # `a` answered at most what it had answered before it died; `b` answered all the rest
-        assert b.ok_batches() >= total - served_by_a_before
     assert b.proc.poll() is None
-    assert b.ok_batches() > served_by_b_before  # the survivor took over the killed replica's batches
+    assert b.ok_batches() > run.served_by_b_before  # the survivor took over the killed replica's batches
 
-    # each answer belongs to its own batch: the protection is deterministic, so the survivor,
-    # asked again without interruption, gives the same features for every batch
+    # each answer belongs to its own batch: the protection is deterministic, so the survivor, asked
+    # again without interruption, gives the same features for every batch
     with GuardClient(b.address) as client:
-        for k, batches in inputs.items():
-            for r, ref in zip(results[k], client.protect_stream(iter(batches), window=2), strict=True):
+        for k, batches in run.inputs.items():
+            for r, ref in zip(run.results[k], client.protect_stream(iter(batches), window=2), strict=True):
                 assert ref.batch_id == r.batch_id
                 np.testing.assert_allclose(r.features, ref.features, rtol=1e-5, atol=1e-5, err_msg=r.batch_id)
 
+
+# --- the same through nginx (deploy/nginx/advface-grpc.conf), for hosts without Kubernetes --------------
+
+def _nginx_config(workdir: Path, listen: int, upstreams: list[str]) -> Path:
+    site = (ROOT / "deploy" / "nginx" / "advface-grpc.conf").read_text()
+    servers = re.findall(r"^\s*server 127\.0\.0\.1:\d+ (.*);$", site, flags=re.M)
+    assert len(servers) == 2, "the template lists two replicas"
+    site = re.sub(r"^\s*server 127\.0\.0\.1:\d+ .*;\n", "", site, flags=re.M)
+    site = site.replace("upstream advface {\n", "upstream advface {\n" + "".join(
+        f"    server {u} {servers[0]};\n" for u in upstreams))
+    site, n = re.subn(r"listen \d+ http2;", f"listen 127.0.0.1:{listen} http2;", site)
+    assert n == 1
+    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / f"{d}_temp").mkdir(exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/client_body_temp;
+    proxy_temp_path {workdir}/proxy_temp;
+    fastcgi_temp_path {workdir}/fastcgi_temp;
+    uwsgi_temp_path {workdir}/uwsgi_temp;
+    scgi_temp_path {workdir}/scgi_temp;
+{site}
+}}
+""")
+    return conf
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"nginx exited with {proc.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def nginx_front(replicas: tuple[Replica, Replica], tmp_path: Path) -> Iterator[str]:
+    binary = require_tool("nginx")
+    port = free_port()
+    conf = _nginx_config(tmp_path, port, [r.address for r in replicas])
+    check = subprocess.run([binary, "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc)
+        with GuardClient(f"127.0.0.1:{port}", timeout=5) as client:
+            client.wait_until_serving(timeout=20)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.integration
+def test_nginx_spreads_streams_and_survives_a_killed_replica(replicas: tuple[Replica, Replica], nginx_front: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    a, b = replicas
+    caplog.set_level(logging.WARNING, logger="advface_client.client")
+    run = _stream_and_kill(nginx_front, a, b, signal.SIGKILL)
+    _check_answers(run)
+    _check_retried(caplog)
+    assert b.ok_batches() > run.served_by_b_before
+
+
+@pytest.mark.integration
+def test_nginx_without_replicas_answers_unavailable(tmp_path: Path) -> None:
+    """With every replica gone nginx answers gRPC UNAVAILABLE (which clients retry), not an HTTP error."""
+    import grpc
+
+    binary = require_tool("nginx")
+    port = free_port()
+    conf = _nginx_config(tmp_path, port, [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
+    proc = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc)
+        with GuardClient(f"127.0.0.1:{port}", timeout=5, max_retries=0) as client:
+            with pytest.raises(grpc.RpcError) as rpc:
+                client.health()
+            assert rpc.value.code() == grpc.StatusCode.UNAVAILABLE, rpc.value
+            assert rpc.value.details() == "no AdvFace replica available"
+            with pytest.raises(BatchError) as info:
+                client.protect(np.zeros((1, *FEATURE_SHAPE), np.float32))
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

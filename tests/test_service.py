@@ -200,6 +200,7 @@ def test_metrics_move_by_exactly_what_the_calls_did(live_server: LiveServer) -> 
     assert after[("advface_batches_in_flight", ())] == 0 and after[("advface_queue_depth", ())] == 0
     assert after[("advface_memory_budget_reserved_bytes", ())] == 0
     assert after[("advface_device_memory_bytes", ())] == 0  # CPU
+    assert after[("advface_device_memory_capacity_bytes", ())] == 0
     info = next(k for k in after if k[0] == "advface_model_info")
     assert dict(info[1])["device"] == "cpu" and dict(info[1])["protector"] == "advface"
 

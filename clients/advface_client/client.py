@@ -57,6 +57,61 @@ class _Abandon(Exception):
     """Internal: the current stream must be restarted from the first unanswered batch."""
 
 
+class _Pending:
+    """The batches taken from the caller's iterator and not yet answered, shared across attempts."""
+
+    def __init__(self, source: Iterator[tuple[str, np.ndarray]]) -> None:
+        self.source, self.unanswered, self.exhausted = source, deque[tuple[str, np.ndarray]](), False
+        self.lock = threading.Lock()
+
+    def finished(self) -> bool:
+        with self.lock:
+            return self.exhausted and not self.unanswered
+
+    def first_id(self) -> str:
+        with self.lock:
+            return self.unanswered[0][0]
+
+    def answered(self) -> None:
+        with self.lock:
+            self.unanswered.popleft()
+
+    def take(self, stop: threading.Event) -> tuple[str, np.ndarray] | None:
+        """The next batch from the source, or None when it is exhausted or this attempt stopped."""
+        with self.lock:
+            if stop.is_set() or self.exhausted:
+                return None
+            item = next(self.source, None)
+            if item is None:
+                self.exhausted = True
+                return None
+            self.unanswered.append(item)
+            return item
+
+
+class _Attempt:
+    """One ProtectStream call: resends what is unanswered, then takes new batches while it has credit."""
+
+    def __init__(self, pending: _Pending, window: int) -> None:
+        self.pending = pending
+        with pending.lock:
+            self.resend = list(pending.unanswered)
+        self.credit = threading.Semaphore(max(window - len(self.resend), 0))
+        self.stop = threading.Event()
+
+    def requests(self, options: Options, chunk_bytes: int) -> Iterator[pb.ProtectRequest]:
+        for bid, arr in self.resend:
+            yield from encode_request(bid, arr, options, chunk_bytes)
+        while True:
+            while not self.credit.acquire(timeout=0.1):
+                if self.stop.is_set():
+                    return
+            item = self.pending.take(self.stop)
+            if item is None:
+                return
+            yield from encode_request(item[0], item[1], options, chunk_bytes)
+
+
 class GuardClient:
     """A connection to one service address (or several, comma-separated, balanced round-robin).
 
@@ -148,62 +203,35 @@ class GuardClient:
         A batch the server rejects (bad shape, NaN, policy...) is yielded with ``error`` set
         and the stream goes on. Connection loss is retried up to ``max_retries`` times in a row.
         """
-        source = iter(batches)
-        unanswered: deque[tuple[str, np.ndarray]] = deque()
-        lock = threading.Lock()
-        exhausted = False
+        pending = _Pending(iter(batches))
         failures = 0
-        while True:
-            with lock:
-                if exhausted and not unanswered:
-                    return
-                resend = list(unanswered)
-            credit = threading.Semaphore(max(window - len(resend), 0))
-            stop = threading.Event()
-
-            def requests() -> Iterator[pb.ProtectRequest]:
-                nonlocal exhausted
-                for bid, arr in resend:
-                    yield from encode_request(bid, arr, options, self.chunk_bytes)
-                while True:
-                    while not credit.acquire(timeout=0.1):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    with lock:
-                        item = next(source, None)
-                        if item is None:
-                            exhausted = True
-                            return
-                        unanswered.append(item)
-                    yield from encode_request(item[0], item[1], options, self.chunk_bytes)
-
-            call = self.stub.ProtectStream(requests(), timeout=self.timeout, wait_for_ready=True)
+        while not pending.finished():
+            attempt = _Attempt(pending, window)
+            call = self.stub.ProtectStream(attempt.requests(options, self.chunk_bytes), timeout=self.timeout,
+                                           wait_for_ready=True)
             try:
                 for result in self._results(call):
-                    with lock:
-                        expected = unanswered[0][0]
+                    expected = pending.first_id()
                     if result.batch_id != expected:
                         raise RuntimeError(f"server answered batch {result.batch_id!r} while {expected!r} was due")
                     if result.error is not None and result.error.code in RETRYABLE:
                         raise _Abandon(result.error.detail)
-                    with lock:
-                        unanswered.popleft()
-                    credit.release()
+                    pending.answered()
+                    attempt.credit.release()
                     failures = 0
                     yield result
-                with lock:
-                    if unanswered and exhausted:
-                        raise _Abandon("stream ended with batches unanswered")
+                if not pending.finished():
+                    raise _Abandon("stream ended with batches unanswered")
             except (grpc.RpcError, _Abandon) as e:
                 code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (e.details() or ""):
+                    code = grpc.StatusCode.UNAVAILABLE  # a proxy reset the stream: its replica died
                 if code not in RETRYABLE or failures >= self.max_retries:
                     raise
                 self._sleep(failures, code)
                 failures += 1
             finally:
-                stop.set()
+                attempt.stop.set()
                 call.cancel()
 
     @staticmethod

@@ -116,8 +116,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     g.add_argument("--protector-eps", type=float, help="PGD radius (default: the bundle's)")
     g.add_argument("--pgd-steps", type=int, help="PGD steps for advface and random (default: the bundle's)")
     g.add_argument("--pgd-alpha", type=float, help="PGD step size (default: the bundle's)")
-    g.add_argument("--dp-epsilon", type=float, help="DP budget of the dp protector (default: 1)")
-    g.add_argument("--dp-bound", type=float, help="DP clipping bound / sensitivity (default: 1)")
+    g.add_argument("--dp-epsilon", type=float, help="DP budget of the dp protector (default: the registry's)")
+    g.add_argument("--dp-bound", type=float, help="DP clipping bound / sensitivity (default: the registry's)")
     g = p.add_argument_group("attackers and shadows")
     g.add_argument("--attacker-width", type=int, help="attacker width (default: twice the bundle shadow's; never equal to it)")
     g.add_argument("--attacker-depth", type=int, help="attacker depth (default: 2)")
@@ -153,8 +153,8 @@ def _cmd_finetune_head(args: argparse.Namespace) -> int:
     from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
     from plugin_service.protect.registry import ProtectorParams
 
-    params = ProtectorParams(steps=args.pgd_steps, alpha=args.pgd_alpha, eps=args.eps, dp_epsilon=args.dp_epsilon,
-                             dp_bound=args.dp_bound)
+    dp = {k: v for k, v in (("dp_epsilon", args.dp_epsilon), ("dp_bound", args.dp_bound)) if v is not None}
+    params = ProtectorParams(steps=args.pgd_steps, alpha=args.pgd_alpha, eps=args.eps, **dp)
     cfg = HeadFinetuning(recognizer=args.recognizer or default_recognizer_path(), data=args.data, out=args.out,
                          bundle=args.bundle, protector=args.protector, params=params, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, clean_mix=not args.no_clean_mix, half=args.half,
@@ -185,8 +185,8 @@ def add_finetune_head_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--eps", type=float, help="PGD radius (default: the bundle's)")
     p.add_argument("--pgd-steps", type=int, help="PGD steps (default: the bundle's)")
     p.add_argument("--pgd-alpha", type=float, help="PGD step size (default: the bundle's)")
-    p.add_argument("--dp-epsilon", type=float, default=1.0, help="DP budget when --protector dp (default: 1)")
-    p.add_argument("--dp-bound", type=float, default=1.0, help="DP clipping bound (default: 1)")
+    p.add_argument("--dp-epsilon", type=float, help="DP budget when --protector dp (default: the registry's)")
+    p.add_argument("--dp-bound", type=float, help="DP clipping bound when --protector dp (default: the registry's)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32, help="faces per protector call and per step (default: 32)")
     p.add_argument("--lr", type=float, default=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from plugin_service.models.shadow import SHADOW_ARCHITECTURES
-from plugin_service.protect.registry import PROTECTORS
+from plugin_service.protect.registry import PROTECTORS, ProtectorParams
 
 # Overrides that make every stage tiny: a smoke run of the whole pipeline in a few minutes on
 # two CPU cores. Attack widths differ from each other so that attacker != shadow even here.
@@ -68,8 +68,8 @@ class EvaluationConfig:
     protector_eps: float | None = None  # main tables; None: the bundle's PGD eps
     pgd_steps: int | None = None  # None: the bundle's PGD steps
     pgd_alpha: float | None = None  # None: the bundle's PGD step size
-    dp_epsilon: float = 1.0
-    dp_bound: float = 1.0
+    dp_epsilon: float | None = None  # None: ProtectorParams' default
+    dp_bound: float | None = None  # None: ProtectorParams' default
 
     attacker_width: int | None = None  # None: twice the bundle shadow's width
     attacker_depth: int = 2
@@ -127,6 +127,11 @@ class EvaluationConfig:
             raise EvaluationError("batch sizes must be >= 2 (networks normalise with batch statistics)")
         if self.attacker_epochs < 1 or (self.shadow_epochs is not None and self.shadow_epochs < 1):
             raise EvaluationError("epochs must be >= 1")
+
+    def protector_params(self) -> ProtectorParams:
+        """The main tables' protector settings; unset fields keep the bundle's / registry's defaults."""
+        dp = {k: v for k, v in (("dp_epsilon", self.dp_epsilon), ("dp_bound", self.dp_bound)) if v is not None}
+        return ProtectorParams(steps=self.pgd_steps, alpha=self.pgd_alpha, eps=self.protector_eps, **dp)
 
     def resolved_cache_dir(self) -> Path | None:
         if not self.use_cache:

@@ -147,8 +147,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
                     "for the attacker", len(eval_overlap))
     protectors = list(dict.fromkeys(["none", *cfg.protectors]))  # 'none' is every table's reference row
     with_advface = "advface" in protectors
-    base = ProtectorParams(steps=cfg.pgd_steps, alpha=cfg.pgd_alpha, eps=cfg.protector_eps,
-                           dp_epsilon=cfg.dp_epsilon, dp_bound=cfg.dp_bound)
+    base = cfg.protector_params()
 
     cache = ModelCache(cfg.resolved_cache_dir())
     paper_attackers = train_attackers(cfg, bundle, attack, cache, device)

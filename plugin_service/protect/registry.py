@@ -23,7 +23,7 @@ class ProtectorParams:
     eps: float | None = None
     norm: str | None = None
     dp_epsilon: float = 1.0
-    dp_bound: float = 1.0
+    dp_bound: float = 3.0
 
     def resolved(self, bundle: Bundle) -> ProtectorParams:
         d = bundle.manifest.pgd

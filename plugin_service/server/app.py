@@ -60,7 +60,11 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     limit = settings.max_message_mb * 2**20
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(metrics)],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                 # Clients reconnect (and re-resolve) periodically, so replicas added by the
+                 # autoscaler get traffic from long-running clients too.
+                 ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                 ("grpc.max_connection_age_grace_ms", int(settings.drain_seconds * 1000))])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -73,17 +77,18 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
         raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}")
     await server.start()  # health answers NOT_SERVING while the model loads
     if settings.metrics_port:
-        metrics.serve_http(settings.metrics_port)
+        metrics.serve_http(settings.metrics_port, settings.host)
 
     loop = asyncio.get_running_loop()
     bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
     engine = Engine(bundle, settings.device, settings.torch_threads)
+    metrics.device_capacity.set(engine.memory_capacity())
     policy = Policy(settings.allowed_protectors, settings.max_steps, settings.min_eps, settings.max_eps,
                     settings.max_batch, default_protector=settings.allowed_protectors[0])
 
     def run(job: Job):  # noqa: ANN202 - EngineResult, kept out of the server's imports' concerns
         result = engine.protect(job.features, job.protector, job.params)
-        metrics.device_memory.set(engine.memory_in_use())
+        metrics.device_memory.set(engine.peak_memory())
         return result
 
     queue = DeviceQueue(run, settings.queue_size, settings.workers, metrics)
@@ -109,11 +114,13 @@ async def drain_and_stop(running: RunningServer, grace: float) -> None:
     log.info("draining: health NOT_SERVING, new batches refused, up to %.0fs for in-flight batches", grace)
     running.state.draining = True
     await running.health.enter_graceful_shutdown()
-    try:
-        await asyncio.wait_for(running.queue.join(), timeout=grace)
-    except TimeoutError:
-        log.warning("drain timed out after %.0fs with batches still queued", grace)
+    # stop() sends GOAWAY at once, so clients open new streams on other replicas, and waits up to
+    # `grace` for the calls already open; their queued batches still run.
     await running.server.stop(grace)
+    try:
+        await asyncio.wait_for(running.queue.join(), timeout=1.0)
+    except TimeoutError:
+        log.warning("drain ended after %.0fs with batches still queued", grace)
     await running.queue.close()
     log.info("stopped")
 

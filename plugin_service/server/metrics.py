@@ -46,8 +46,11 @@ class ServiceMetrics:
         self.wire_out = Counter("advface_wire_sent_bytes", "Protobuf bytes of batch responses sent", registry=r)
         self.reserved = Gauge("advface_memory_budget_reserved_bytes",
                               "Host bytes reserved for batches being reassembled, computed or sent", registry=r)
-        self.device_memory = Gauge("advface_device_memory_bytes", "Device memory held by PyTorch (0 on CPU)", registry=r)
+        self.device_memory = Gauge("advface_device_memory_bytes",
+                                   "Peak device memory PyTorch allocated during the last batch (0 on CPU)", registry=r)
+        self.device_capacity = Gauge("advface_device_memory_capacity_bytes", "Total memory of the device (0 on CPU)",
+                                     registry=r)
         self.info = Info("advface_model", "Bundle version, protector and device being served", registry=r)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
+    def serve_http(self, port: int, addr: str) -> None:
         start_http_server(port, addr=addr, registry=self.registry)
