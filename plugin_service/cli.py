@@ -182,11 +182,47 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_shadow_check(args: argparse.Namespace) -> int:
+    from plugin_service.evaluation.shadow_check import shadow_check
+    from plugin_service.training.recognizer import verification_accuracy
+
+    r = shadow_check(args.data, args.bundle, args.limit, args.batch_size, args.device)
+    print(f"shadow model on {r.faces} faces of {args.data}:")
+    print(f"  {'features':22s} {'SSIM':>6s} {'PSNR dB':>8s}")
+    print(f"  {'unprotected (z)':22s} {r.clean_ssim:6.3f} {r.clean_psnr:8.2f}")
+    print(f"  {'adversarial (AdvFace)':22s} {r.protected_ssim:6.3f} {r.protected_psnr:8.2f}")
+    print(f"  mean shadow-loss gain (after/before): {r.loss_gain:.3f}")
+    if args.pairs:
+        from plugin_service.bundle import default_recognizer_path
+        from plugin_service.models.recognizer import load_recognizer
+        from plugin_service.training.loop import pick_device
+
+        recognizer = load_recognizer(args.recognizer or default_recognizer_path())
+        acc = verification_accuracy(recognizer, args.pairs, args.data, pick_device(args.device))
+        print(f"recogniser verification accuracy on {args.pairs} (10-fold, clean): {acc:.4f}")
+    return 0
+
+
+def _add_shadow_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shadow-check", help="shadow model's reconstruction from clean vs adversarial features",
+                       description="Protect faces with the bundle's engine at its default settings and print the "
+                       "shadow model's reconstruction SSIM/PSNR from unprotected and from adversarial features, "
+                       "and (with --pairs) the recogniser's clean verification accuracy. Trains nothing.")
+    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder")
+    p.add_argument("--pairs", type=Path, help="LFW pairs.txt over --data for the verification accuracy")
+    p.add_argument("--bundle", type=Path, help="bundle (default: the embedded one)")
+    p.add_argument("--recognizer", type=Path, help="recogniser (default: the embedded one)")
+    p.add_argument("--limit", type=int, default=256, help="faces to protect, drawn at random (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_shadow_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow,
+    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow, _add_shadow_check,
                 add_evaluate_parser, add_finetune_head_parser):
         add(sub)
     return parser

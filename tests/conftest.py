@@ -22,6 +22,20 @@ from plugin_service.models.shadow import ShadowSpec, build_shadow  # noqa: E402
 from plugin_service.server.app import RunningServer, drain_and_stop, start_server  # noqa: E402
 from plugin_service.server.metrics import ServiceMetrics  # noqa: E402
 
+def edited_request(batch_id: str, z, options=None, **fields: object):  # noqa: ANN001, ANN201
+    """A one-message ProtectRequest for ``z`` with some fields overwritten, to build malformed batches."""
+    from plugin_service.server.codec import Options, encode_request
+
+    (msg,) = encode_request(batch_id, z, options or Options(), chunk_bytes=8 << 20)
+    for k, v in fields.items():
+        if k == "shape":
+            del msg.shape[:]
+            msg.shape.extend(v)  # type: ignore[arg-type]
+        else:
+            setattr(msg, k, v)
+    return msg
+
+
 TINY_SHADOW = ShadowSpec(arch="resrec", width=4, depth=1)
 TINY_PGD = PGDDefaults(steps=3, alpha=0.2, eps=0.2)
 

@@ -18,6 +18,7 @@ from plugin_service.server.codec import (
     encode_request,
     encode_result,
 )
+from tests.conftest import edited_request
 
 LIMITS = BatchLimits((2, 3, 3), max_batch=8)
 
@@ -59,14 +60,7 @@ def test_result_round_trip() -> None:
 
 
 def _one(x: np.ndarray, bid: str = "b", **fields: object) -> pb.ProtectRequest:
-    (msg,) = encode_request(bid, x, chunk_bytes=1 << 20)
-    for k, v in fields.items():
-        if k == "shape":
-            del msg.shape[:]
-            msg.shape.extend(v)  # type: ignore[arg-type]
-        else:
-            setattr(msg, k, v)
-    return msg
+    return edited_request(bid, x, **fields)
 
 
 GOOD = np.ones((2, 2, 3, 3), np.float32)

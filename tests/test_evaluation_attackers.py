@@ -18,7 +18,7 @@ from plugin_service.evaluation.disjointness import DisjointnessError, check_disj
 from plugin_service.evaluation.errors import EvaluationError
 from plugin_service.evaluation.protection import make_protector, protect_dataset
 from plugin_service.evaluation.runner import run_evaluation
-from plugin_service.evaluation.synthetic import write_bundle, write_face_folder, write_pairs, write_recognizer
+from tests.synthetic_data import write_bundle, write_face_folder, write_pairs, write_recognizer
 from plugin_service.faces import split_identities
 from plugin_service.models.extractor import Extractor
 from plugin_service.models.shadow import ShadowSpec, build_shadow

@@ -15,7 +15,7 @@ from plugin_service.evaluation.data import load_eval_faces
 from plugin_service.evaluation.metrics import psnr
 from plugin_service.evaluation.report import FIGURES, REPORT, RESULTS, _clean, fmt
 from plugin_service.evaluation.runner import run_evaluation
-from plugin_service.evaluation.synthetic import write_bundle, write_face_folder, write_pairs, write_recognizer
+from tests.synthetic_data import write_bundle, write_face_folder, write_pairs, write_recognizer
 from plugin_service.evaluation.verification import cosine_similarity, kfold_accuracy
 from plugin_service.faces import split_identities
 from plugin_service.models.recognizer import load_recognizer

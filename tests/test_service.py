@@ -24,7 +24,7 @@ from advface_client import BatchError, GuardClient, Options
 from plugin_service.bundle import load_bundle
 from plugin_service.models.shadow import batch_statistics
 from plugin_service.server.codec import decode_response_chunks, encode_request
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, edited_request, free_port
 
 RNG = np.random.default_rng(0)
 
@@ -88,15 +88,7 @@ def _raw_stream(address: str, messages: list[pb.ProtectRequest]) -> list:
     return grouped
 
 
-def _single(bid: str, z: np.ndarray, options: Options = Options(), **fields: object) -> pb.ProtectRequest:
-    (msg,) = encode_request(bid, z, options, chunk_bytes=8 << 20)
-    for k, v in fields.items():
-        if k == "shape":
-            del msg.shape[:]
-            msg.shape.extend(v)  # type: ignore[arg-type]
-        else:
-            setattr(msg, k, v)
-    return msg
+_single = edited_request
 
 
 def test_each_malformed_batch_fails_alone(live_server: LiveServer) -> None:

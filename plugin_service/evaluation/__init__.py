@@ -15,5 +15,4 @@ Module map (one job each; :mod:`.runner` ties them together for `advface evaluat
 * :mod:`.figures`, :mod:`.report`  PNGs, report.md, results.json
 * :mod:`.finetune`      `advface finetune-head`, the offline mode
 * :mod:`.cli_args`      the two subcommands, for plugin_service/cli.py
-* :mod:`.synthetic`     tiny LFW-layout folders, pairs, bundles and recognisers for tests
 """
