@@ -96,6 +96,8 @@ def test_each_malformed_batch_fails_alone(live_server: LiveServer) -> None:
     nan = good.copy()
     nan[1, 3, 4, 5] = np.nan
     chunked = list(encode_request("broken-chunks", features(2), chunk_bytes=100_000))
+    bad_header = list(encode_request("bad-header-chunked", features(2), chunk_bytes=100_000))
+    bad_header[0].datatype = 9
     messages = [
         _single("ok-1", good),
         _single("wrong-shape", features(2)[:, :32], shape=[2, 32, 77, 77]),
@@ -107,20 +109,21 @@ def test_each_malformed_batch_fails_alone(live_server: LiveServer) -> None:
         _single("steps-out-of-policy", good, Options(steps=1000)),
         _single("eps-out-of-policy", good, Options(eps=0.001)),
         *chunked[:2], *chunked[3:],  # chunk 2 missing
+        *bad_header,  # rejected on its first chunk: answered once, the other chunks are dropped
         _single("ok-2", good),
     ]
     results = _raw_stream(live_server.address, messages)
     codes = {r.batch_id: (r.error.code if r.error else grpc.StatusCode.OK) for r in results}
     assert [r.batch_id for r in results] == [
         "ok-1", "wrong-shape", "wrong-dtype", "nan", "short-bytes", "unknown-protector", "disabled-protector",
-        "steps-out-of-policy", "eps-out-of-policy", "broken-chunks", "ok-2"]
+        "steps-out-of-policy", "eps-out-of-policy", "broken-chunks", "bad-header-chunked", "ok-2"]
     assert codes == {
         "ok-1": grpc.StatusCode.OK, "wrong-shape": grpc.StatusCode.INVALID_ARGUMENT,
         "wrong-dtype": grpc.StatusCode.INVALID_ARGUMENT, "nan": grpc.StatusCode.INVALID_ARGUMENT,
         "short-bytes": grpc.StatusCode.INVALID_ARGUMENT, "unknown-protector": grpc.StatusCode.INVALID_ARGUMENT,
         "disabled-protector": grpc.StatusCode.PERMISSION_DENIED, "steps-out-of-policy": grpc.StatusCode.OUT_OF_RANGE,
         "eps-out-of-policy": grpc.StatusCode.OUT_OF_RANGE, "broken-chunks": grpc.StatusCode.INVALID_ARGUMENT,
-        "ok-2": grpc.StatusCode.OK}
+        "bad-header-chunked": grpc.StatusCode.INVALID_ARGUMENT, "ok-2": grpc.StatusCode.OK}
     for r in results:
         if r.error:
             assert r.batch_id in str(r.error)

@@ -172,6 +172,11 @@ class Reassembler:
         self.reset()
         return error
 
+    def reject(self, batch_id: str) -> None:
+        """Forgets a batch that failed outside :meth:`add`; its remaining chunks become leftovers."""
+        self.reset()
+        self._discard = batch_id
+
     def is_leftover(self, msg: pb.ProtectRequest) -> bool:
         """True for a later chunk of a batch that already failed: it was answered, drop it."""
         return self._id is None and msg.batch_id == self._discard and msg.chunk_index != 0
@@ -238,8 +243,7 @@ class Reassembler:
                 raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT, f"features hold {bad} NaN or Inf values")
             batch = Batch(bid, features.astype(self._dtype.newbyteorder("="), copy=False), self._options, self._wire)
         except BatchError:
-            self.reset()
-            self._discard = bid
+            self.reject(bid)
             raise
         self.reset()
         return batch

@@ -119,6 +119,7 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
 
         async def fail(error: BatchError) -> None:
             nonlocal reserved
+            reassembler.reject(error.batch_id)
             self.s.budget.release(reserved)
             reserved = 0
             await pending.put((_done(Result(error.batch_id, None, error=error)), 0))
