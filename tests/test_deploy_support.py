@@ -40,7 +40,7 @@ _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 
 def require_tool(name: str) -> str:
     """The tool's path; a missing tool skips the test, or fails it when ADVFACE_REQUIRE_INTEGRATION=1."""
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")  # nginx lives in sbin
     if path is None:
         message = (f"{name} is not installed (Debian: apt-get install -y --no-install-recommends prometheus nginx); "
                    ".ci/run installs it")
