@@ -13,10 +13,7 @@ float16; the network therefore trains without the flip augmentation the other at
 
 from __future__ import annotations
 
-import logging
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.bundle import Bundle
@@ -32,56 +29,23 @@ from plugin_service.evaluation.attackers import (
 from plugin_service.evaluation.cache import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.data import AttackData, batch_order, fingerprint, holdout
-from plugin_service.evaluation.metrics import psnr, ssim
 from plugin_service.evaluation.protection import make_protector, protect_dataset
-from plugin_service.models.shadow import build_shadow
 from plugin_service.protect.registry import ProtectorParams
-from plugin_service.training.loop import minibatches, progress, seed_everything
-from plugin_service.training.reconstruction import ValidationScores
-
-log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def validate_pairs(model: nn.Module, images: torch.Tensor, features: torch.Tensor, device: torch.device,
-                   batch_size: int = 64) -> ValidationScores:
-    """Mean L1, PSNR and SSIM of ``model(features)`` against the uint8 ``images``."""
-    model.eval()
-    l1 = ps = ss = 0.0
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].float().div(255).to(device)
-        r = model(features[i : i + batch_size].float().to(device))
-        l1 += float(F.l1_loss(r, x, reduction="none").flatten(1).mean(1).sum())
-        ps += float(psnr(r, x).sum())
-        ss += float(ssim(r, x).sum())
-    n = max(len(images), 1)
-    return ValidationScores(l1 / n, ps / n, ss / n)
+from plugin_service.training.reconstruction import ValidationScores, fit_reconstructor, validate_pairs
 
 
 def train_on_pairs(recipe: Recipe, images: torch.Tensor, features: torch.Tensor, val_images: torch.Tensor,
                    val_features: torch.Tensor, device: torch.device,
                    desc: str = "adaptive") -> tuple[nn.Module, ValidationScores]:
     """L1 training of ``recipe.spec`` on fixed (uint8 image, feature) pairs, Adam as in the paper."""
-    generator = seed_everything(recipe.seed)
-    model = build_shadow(recipe.spec).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    scores = ValidationScores(float("nan"), float("nan"), float("nan"))
-    for epoch in range(recipe.epochs):
-        model.train()
-        bar = progress(minibatches(len(images), recipe.batch_size, generator, drop_last=True),
-                       total=max(len(images) // recipe.batch_size, 1), desc=f"{desc} epoch {epoch + 1}/{recipe.epochs}")
-        for idx in bar:
-            x = images[idx].float().div(255).to(device)
-            loss = F.l1_loss(model(features[idx].float().to(device)), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(l1=f"{loss.item():.4f}")
-        scores = validate_pairs(model, val_images, val_features, device)
-        log.info("%s epoch %d/%d: val L1 %.4f, PSNR %.2f dB, SSIM %.3f", desc, epoch + 1, recipe.epochs,
-                 scores.l1, scores.psnr, scores.ssim)
-    model.eval()
-    return model, scores
+    def pairs_of(imgs: torch.Tensor, feats: torch.Tensor):  # noqa: ANN202
+        def pairs(idx: torch.Tensor, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
+            return imgs[idx].float().div(255).to(device), feats[idx].float().to(device)
+        return pairs
+
+    val = pairs_of(val_images, val_features)
+    return fit_reconstructor(recipe.training(), len(images), pairs_of(images, features),
+                             lambda m: validate_pairs(m, len(val_images), val), device, desc)
 
 
 def train_adaptive_attacker(cfg: EvaluationConfig, bundle: Bundle, attack: AttackData, params: ProtectorParams,

@@ -42,24 +42,38 @@ class ValidationScores:
     ssim: float
 
 
+Pairs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # indices -> (images in [0, 1], features)
+
+
 @torch.no_grad()
-def validate(model: nn.Module, faces: torch.Tensor, features_of: FeatureFn, device: torch.device,
-             batch_size: int = 64) -> ValidationScores:
+def validate_pairs(model: nn.Module, n: int, pairs: Pairs, batch_size: int = 64) -> ValidationScores:
+    """Mean per-face L1, PSNR and SSIM of ``model(features)`` against the images, over ``n`` pairs."""
     model.eval()
     l1 = ps = ss = 0.0
-    for i in range(0, len(faces), batch_size):
-        x = faces[i : i + batch_size].float().div(255).to(device)
-        r = model(features_of(x))
-        l1 += float(F.l1_loss(r, x, reduction="sum")) / x[0].numel()
+    for i in range(0, n, batch_size):
+        x, z = pairs(torch.arange(i, min(i + batch_size, n)))
+        r = model(z)
+        l1 += float(F.l1_loss(r, x, reduction="none").flatten(1).mean(1).sum())
         ps += float(psnr(r, x).sum())
         ss += float(ssim(r, x).sum())
-    n = len(faces)
+    n = max(n, 1)
     return ValidationScores(l1 / n, ps / n, ss / n)
 
 
-def train_reconstructor(cfg: ReconstructionTraining, train: FaceSet, val: torch.Tensor, features_of: FeatureFn,
-                        device: torch.device, desc: str = "reconstructor") -> tuple[nn.Module, ValidationScores]:
-    """Trains ``cfg.spec`` on ``train``; returns the eval-mode network and its last validation scores."""
+def validate(model: nn.Module, faces: torch.Tensor, features_of: FeatureFn, device: torch.device,
+             batch_size: int = 64) -> ValidationScores:
+    """Validation on uint8 faces whose features are computed on the fly."""
+    def pairs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = faces[idx].float().div(255).to(device)
+        return x, features_of(x)
+
+    return validate_pairs(model, len(faces), pairs, batch_size)
+
+
+def fit_reconstructor(cfg: ReconstructionTraining, n: int, pairs: Callable[[torch.Tensor, torch.Generator],
+                      tuple[torch.Tensor, torch.Tensor]], validation: Callable[[nn.Module], ValidationScores],
+                      device: torch.device, desc: str) -> tuple[nn.Module, ValidationScores]:
+    """The one L1 training loop: ``pairs(indices, generator)`` gives each minibatch's (images, features)."""
     generator = seed_everything(cfg.seed)
     model = build_shadow(cfg.spec).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -68,25 +82,34 @@ def train_reconstructor(cfg: ReconstructionTraining, train: FaceSet, val: torch.
     scores = ValidationScores(float("nan"), float("nan"), float("nan"))
     for epoch in range(start, cfg.epochs):
         model.train()
-        bar = progress(minibatches(len(train), cfg.batch_size, generator, drop_last=True),
-                       total=len(train) // cfg.batch_size, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}")
+        bar = progress(minibatches(n, cfg.batch_size, generator, drop_last=True),
+                       total=max(n // cfg.batch_size, 1), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}")
         for idx in bar:
-            x = train.floats(idx)
-            flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-            with torch.no_grad():
-                z = features_of(x)
+            x, z = pairs(idx, generator)
             loss = F.l1_loss(model(z), x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             bar.set_postfix(l1=f"{loss.item():.4f}")
-        scores = validate(model, val, features_of, device)
+        scores = validation(model)
         log.info("%s epoch %d/%d: val L1 %.4f, PSNR %.2f dB, SSIM %.3f", desc, epoch + 1, cfg.epochs,
                  scores.l1, scores.psnr, scores.ssim)
         if ckpt:
             ckpt.save(epoch, generator, model=model, optimizer=optimizer)
-    if start >= cfg.epochs and len(val):
-        scores = validate(model, val, features_of, device)
+    if start >= cfg.epochs:
+        scores = validation(model)
     model.eval()
     return model, scores
+
+
+def train_reconstructor(cfg: ReconstructionTraining, train: FaceSet, val: torch.Tensor, features_of: FeatureFn,
+                        device: torch.device, desc: str = "reconstructor") -> tuple[nn.Module, ValidationScores]:
+    """Trains ``cfg.spec`` on ``train`` (random flips, features computed on the fly)."""
+    def pairs(idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = train.floats(idx)
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
+        with torch.no_grad():
+            return x, features_of(x)
+
+    return fit_reconstructor(cfg, len(train), pairs, lambda m: validate(m, val, features_of, device), device, desc)
