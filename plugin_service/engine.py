@@ -59,9 +59,7 @@ class Engine:
         def host(t: torch.Tensor | None) -> np.ndarray:
             return nan if t is None else t.detach().float().cpu().numpy()
 
-        out = result.features.detach().cpu().numpy().astype(features.dtype, copy=False)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        out = result.features.detach().cpu().numpy().astype(features.dtype, copy=False)  # .cpu() waits for the device
         return EngineResult(out, host(result.shadow_loss_before), host(result.shadow_loss_after),
                             host(result.perturbation_norm), time.perf_counter() - start)
 

@@ -81,6 +81,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_protector_params(g: argparse._ActionsContainer) -> None:
+    """The protector settings both commands take; unset means the bundle's or the registry's default."""
+    g.add_argument("--pgd-steps", type=int, help="PGD steps for advface and random (default: the bundle's)")
+    g.add_argument("--pgd-alpha", type=float, help="PGD step size (default: the bundle's)")
+    g.add_argument("--dp-epsilon", type=float, help="DP budget of the dp protector (default: the registry's)")
+    g.add_argument("--dp-bound", type=float, help="DP clipping bound / sensitivity (default: the registry's)")
+
+
 def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds `advface evaluate` to ``sub``; its ``func`` runs the evaluation and returns an exit code."""
     p = sub.add_parser(
@@ -114,10 +122,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     g.add_argument("--dp-epsilons", type=_floats, help="trade-off sweep of the DP budget (default: 1,2,5,10,20,50)")
     g = p.add_argument_group("protection settings (main tables)")
     g.add_argument("--protector-eps", type=float, help="PGD radius (default: the bundle's)")
-    g.add_argument("--pgd-steps", type=int, help="PGD steps for advface and random (default: the bundle's)")
-    g.add_argument("--pgd-alpha", type=float, help="PGD step size (default: the bundle's)")
-    g.add_argument("--dp-epsilon", type=float, help="DP budget of the dp protector (default: the registry's)")
-    g.add_argument("--dp-bound", type=float, help="DP clipping bound / sensitivity (default: the registry's)")
+    _add_protector_params(g)
     g = p.add_argument_group("attackers and shadows")
     g.add_argument("--attacker-width", type=int, help="attacker width (default: twice the bundle shadow's; never equal to it)")
     g.add_argument("--attacker-depth", type=int, help="attacker depth (default: 2)")
@@ -183,10 +188,7 @@ def add_finetune_head_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--out", type=Path, required=True, help="output recogniser (.safetensors)")
     p.add_argument("--protector", choices=("advface", "random", "dp"), default="advface")
     p.add_argument("--eps", type=float, help="PGD radius (default: the bundle's)")
-    p.add_argument("--pgd-steps", type=int, help="PGD steps (default: the bundle's)")
-    p.add_argument("--pgd-alpha", type=float, help="PGD step size (default: the bundle's)")
-    p.add_argument("--dp-epsilon", type=float, help="DP budget when --protector dp (default: the registry's)")
-    p.add_argument("--dp-bound", type=float, help="DP clipping bound when --protector dp (default: the registry's)")
+    _add_protector_params(p)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32, help="faces per protector call and per step (default: 32)")
     p.add_argument("--lr", type=float, default=1e-4)

@@ -33,10 +33,10 @@ from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import Recognizer, load_recognizer
 from plugin_service.protect.registry import ProtectorParams
 from plugin_service.training.loop import minibatches, pick_device, progress, seed_everything
+from plugin_service.training.recognizer import EMBEDDING_SCALE
 
 log = logging.getLogger(__name__)
 HALVES = ("all", "defender", "attacker")
-EMBEDDING_SCALE = 16.0  # as in training/recognizer.py: lets softmax become confident on unit embeddings
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,3 @@ def kfold_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> V
     threshold, _ = best_threshold(scores, same)
     return VerificationResult(float(np.mean(accs)), float(np.std(accs)), threshold, tuple(accs))
 
-
-def pair_arrays(pairs: list) -> tuple[np.ndarray, np.ndarray]:  # list[faces.Pair]
-    return np.array([p.same for p in pairs]), np.array([p.fold for p in pairs])
-
-
-@torch.no_grad()
-def embed_in_batches(fn, inputs: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:  # noqa: ANN001
-    """Applies ``fn`` (images or features -> embeddings) batch by batch on ``device``; returns CPU tensors."""
-    out = [fn(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, len(inputs), batch_size)]
-    return torch.cat(out)

@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.evaluation.verification import embed_in_batches, kfold_accuracy, pair_arrays, cosine_similarity
-from plugin_service.faces import FaceSet, load_face, load_face_folder, read_pairs
+from plugin_service.evaluation.data import load_eval_faces
+from plugin_service.evaluation.pipeline import embed_images
+from plugin_service.evaluation.utility import verify
+from plugin_service.faces import FaceSet, load_face_folder
 from plugin_service.models.recognizer import Recognizer, RecognizerSpec
 from plugin_service.training.loop import Checkpointer, minibatches, pick_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
+# Unit embeddings are scaled before the identity classifier so that softmax can become confident.
+EMBEDDING_SCALE = 16.0
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,11 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def verification_accuracy(model: Recognizer, pairs_file: Path, root: Path, device: torch.device) -> float:
-    pairs = read_pairs(pairs_file, root)
-    paths = sorted({p for pair in pairs for p in (pair.left, pair.right)})
-    index = {p: i for i, p in enumerate(paths)}
+    """Clean 10-fold verification accuracy on an LFW-format pairs file, as `advface evaluate` measures it."""
+    faces = load_eval_faces(root, pairs_file)
     model.eval()
-    emb = embed_in_batches(model, torch.stack([load_face(p) for p in paths]), device)
-    scores = cosine_similarity(emb[[index[p.left] for p in pairs]], emb[[index[p.right] for p in pairs]])
-    same, folds = pair_arrays(pairs)
-    return kfold_accuracy(scores, same, folds).accuracy
+    embeddings = embed_images(model, faces.images, device)
+    return verify(embeddings, embeddings, faces.pairs).accuracy
 
 
 def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
@@ -81,8 +82,7 @@ def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
         for idx in bar:
             x = augment(faces.floats(idx), generator).to(device)
             y = faces.labels[idx].to(device)
-            # Scale unit embeddings before the classifier so softmax can become confident.
-            logits = classifier(model(x) * 16.0)
+            logits = classifier(model(x) * EMBEDDING_SCALE)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
