@@ -51,6 +51,7 @@ def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], 
 
 def bench_service(bundle_path: Path | None, device: str, batch: int, batches: int, steps: int | None) -> None:
     from advface_client.client import GuardClient
+
     from plugin_service.config import ServerSettings
     from plugin_service.server.app import drain_and_stop, start_server
     from plugin_service.server.codec import Options

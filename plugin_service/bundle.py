@@ -6,6 +6,9 @@ A bundle is a directory::
                            normalisation, split point, training data, PGD defaults, hashes
     extractor.safetensors  E's weights under facenet-pytorch key names
     shadow.safetensors     S's weights
+    recognizer.safetensors optional: R, the server-side recogniser after the split (for resynth)
+    start.safetensors      optional, with R: resynth's fixed public starting feature (mean of
+                           E over public faces), so that no stored feature ever starts from z
 
 Loading checks every claim the manifest makes and names the first one that is false. The
 content hash (over the manifest's fields and every weight file) is the model version that the
@@ -28,12 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plugin_service.models.extractor import FACE_SIZE, Extractor, freeze
+from plugin_service.models.recognizer import Recognizer, RecognizerSpec
 from plugin_service.models.shadow import ShadowSpec, build_shadow
 
 FORMAT = "advface-bundle/1"
 MANIFEST = "manifest.json"
 EXTRACTOR_FILE = "extractor.safetensors"
 SHADOW_FILE = "shadow.safetensors"
+RECOGNIZER_FILE = "recognizer.safetensors"
+START_FILE = "start.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 
@@ -52,6 +58,15 @@ class PGDDefaults:
 
 
 @dataclass(frozen=True)
+class ResynthDefaults:
+    """Resynth's stopping rule: cos(R(z'), R(z)) >= target_cosine, or max_steps Adam steps of lr."""
+
+    target_cosine: float = 0.99
+    max_steps: int = 100
+    lr: float = 0.02
+
+
+@dataclass(frozen=True)
 class Manifest:
     split: str
     shadow: ShadowSpec
@@ -62,6 +77,12 @@ class Manifest:
     input_standardization: str = "E computes (255*x - 127.5) / 128 on RGB faces in [0, 1]"
     pgd: PGDDefaults = PGDDefaults()
     provenance: dict[str, str] = field(default_factory=dict)  # what data and command trained E and S
+    # R (the recogniser after the split) when the bundle carries it: resynth needs it.
+    recognizer: RecognizerSpec | None = None
+    # Largest feature value the service accepts: a generous multiple of the largest value E gave
+    # on public faces (E ends in a ReLU, so the smallest is 0). None: not recorded.
+    feature_bound: float | None = None
+    resynth: ResynthDefaults = ResynthDefaults()
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
@@ -83,6 +104,9 @@ class Manifest:
                 input_standardization=body["input_standardization"],
                 pgd=PGDDefaults(**body["pgd"]),
                 provenance=dict(body.get("provenance", {})),
+                recognizer=RecognizerSpec(**body["recognizer"]) if body.get("recognizer") else None,
+                feature_bound=body.get("feature_bound"),
+                resynth=ResynthDefaults(**body.get("resynth", {})),
             )
         except KeyError as e:
             raise BundleError(f"manifest lacks the field {e.args[0]!r}") from e
@@ -99,6 +123,8 @@ class Bundle:
     shadow: nn.Module
     content_hash: str
     path: Path
+    recognizer: Recognizer | None = None  # E + R when the manifest names R; shares E's weights
+    start: torch.Tensor | None = None  # (C, H, W) resynth's public starting feature
 
     @property
     def version(self) -> str:
@@ -107,7 +133,18 @@ class Bundle:
     def to(self, device: torch.device) -> Bundle:
         self.extractor.to(device)
         self.shadow.to(device)
+        if self.recognizer is not None:
+            self.recognizer.to(device)
+        if self.start is not None:
+            self.start = self.start.to(device)
         return self
+
+    def require_recognizer(self, why: str) -> tuple[Recognizer, torch.Tensor]:
+        """(E + R, start feature), or a BundleError saying how to add them."""
+        if self.recognizer is None or self.start is None:
+            raise BundleError(f"bundle {self.path} carries no recogniser R, which {why} needs; add it with "
+                              "`advface bundle-add-recognizer --bundle DIR --recognizer R.safetensors --data PUBLIC_FACES`")
+        return self.recognizer, self.start
 
 
 def _sha256(path: Path) -> str:
@@ -124,14 +161,51 @@ def _content_hash(manifest: dict[str, Any], file_hashes: dict[str, str]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def save_bundle(path: Path, manifest: Manifest, extractor: Extractor, shadow: nn.Module) -> str:
-    """Writes a bundle directory and returns its content hash."""
+def extractor_mismatch(recognizer: Recognizer, bundle: Bundle) -> str | None:
+    """Why ``recognizer``'s E is not exactly the bundle's E, or None when it is.
+
+    R only means something on features of the E it was trained with: with another E every
+    utility number, and resynth itself, would measure a mismatch rather than the protection.
+    """
+    ours, theirs = recognizer.extractor.facenet_state(), bundle.extractor.facenet_state()
+    if recognizer.spec.split != bundle.manifest.split or set(ours) != set(theirs):
+        return f"it splits E at {recognizer.spec.split}, the bundle at {bundle.manifest.split}"
+    differing = [k for k in ours if not torch.equal(ours[k].cpu(), theirs[k].cpu())]
+    if differing:
+        return (f"its extractor E differs from the bundle's ({len(differing)} tensors, e.g. {differing[0]}); use the "
+                "recogniser whose weights trained the bundle (train-shadow --extractor)")
+    return None
+
+
+def _head_state(recognizer: Recognizer) -> dict[str, torch.Tensor]:
+    """R's tensors only: E lives once, in extractor.safetensors."""
+    e_keys = set(recognizer.extractor.facenet_state())
+    return {k: v for k, v in recognizer.flat_state().items() if k not in e_keys}
+
+
+def save_bundle(path: Path, manifest: Manifest, extractor: Extractor, shadow: nn.Module,
+                recognizer: Recognizer | None = None, start: torch.Tensor | None = None) -> str:
+    """Writes a bundle directory and returns its content hash.
+
+    ``recognizer`` (E + R) and ``start`` go together; the manifest's ``recognizer`` field must
+    then name R's spec, and R's E must be ``extractor``.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if (recognizer is None) != (start is None) or (recognizer is None) != (manifest.recognizer is None):
+        raise BundleError("a bundle carries R, its start feature and its manifest entry together, or none of them")
     save_file({k: v.contiguous().cpu() for k, v in extractor.facenet_state().items()}, str(path / EXTRACTOR_FILE))
     save_file({k: v.contiguous().cpu() for k, v in shadow.state_dict().items()}, str(path / SHADOW_FILE))
+    names = [EXTRACTOR_FILE, SHADOW_FILE]
+    if recognizer is not None and start is not None:
+        save_file(_head_state(recognizer), str(path / RECOGNIZER_FILE))
+        save_file({"start": start.detach().float().contiguous().cpu()}, str(path / START_FILE))
+        names += [RECOGNIZER_FILE, START_FILE]
+    else:
+        for stale in (RECOGNIZER_FILE, START_FILE):
+            (path / stale).unlink(missing_ok=True)
     body = manifest.to_json()
-    files = {name: _sha256(path / name) for name in (EXTRACTOR_FILE, SHADOW_FILE)}
+    files = {name: _sha256(path / name) for name in names}
     body["files"] = files
     body["content_hash"] = _content_hash(body, files)
     (path / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
@@ -173,9 +247,12 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     except json.JSONDecodeError as e:
         raise BundleError(f"{manifest_file}: not valid JSON ({e})") from e
     manifest = Manifest.from_json(body)
-    recorded = body.get("files", {})
+    if not isinstance(body.get("files"), dict):
+        raise BundleError(f"{manifest_file}: manifest lacks its 'files' table (name -> sha256)")
+    recorded = body["files"]
+    names = [EXTRACTOR_FILE, SHADOW_FILE] + ([RECOGNIZER_FILE, START_FILE] if manifest.recognizer else [])
     hashes = {}
-    for name in (EXTRACTOR_FILE, SHADOW_FILE):
+    for name in names:
         if not (path / name).is_file():
             raise BundleError(f"bundle {path} lacks {name}")
         hashes[name] = _sha256(path / name)
@@ -195,13 +272,33 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     shadow.load_state_dict(_read_weights(path / SHADOW_FILE, shadow.state_dict(), "shadow"))
     freeze(extractor)
     freeze(shadow)
+    recognizer, start = None, None
+    if manifest.recognizer is not None:
+        recognizer, start = _load_recognizer(path, manifest, extractor)
     actual = extractor.feature_shape()
     if actual != tuple(manifest.feature_shape):
         raise BundleError(f"{MANIFEST}: feature_shape {list(manifest.feature_shape)} but E at split "
                           f"{manifest.split} gives {list(actual)}")
     if manifest.feature_dtype not in ("float32", "float16"):
         raise BundleError(f"{MANIFEST}: feature_dtype {manifest.feature_dtype!r} is not float32 or float16")
-    return Bundle(manifest, extractor, shadow, content_hash, path)
+    return Bundle(manifest, extractor, shadow, content_hash, path, recognizer, start)
+
+
+def _load_recognizer(path: Path, manifest: Manifest, extractor: Extractor) -> tuple[Recognizer, torch.Tensor]:
+    """E + R (R from recognizer.safetensors, E shared with the bundle) and the start feature."""
+    assert manifest.recognizer is not None
+    if manifest.recognizer.split != manifest.split:
+        raise BundleError(f"{MANIFEST}: R is split at {manifest.recognizer.split}, E at {manifest.split}")
+    try:
+        recognizer = Recognizer(manifest.recognizer)
+    except ValueError as e:
+        raise BundleError(f"{MANIFEST}: {e}") from e
+    head = _read_weights(path / RECOGNIZER_FILE, _head_state(recognizer), "recogniser")
+    recognizer.load_flat_state({**extractor.facenet_state(), **head})
+    recognizer.extractor = extractor  # one E in memory: the recogniser cannot drift from the bundle's E
+    freeze(recognizer)
+    start = _read_weights(path / START_FILE, {"start": torch.zeros(manifest.feature_shape)}, "start feature")["start"]
+    return recognizer, start
 
 
 def default_bundle_path() -> Path:

@@ -9,7 +9,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from plugin_service.evaluation.cli_args import add_evaluate_parser, add_finetune_head_parser
+from plugin_service.evaluation.cli_args import (
+    add_evaluate_parser,
+    add_finetune_head_parser,
+)
 
 SHADOW_ARCHS = ("urec", "resrec", "transrec")
 Command = Callable[[argparse.Namespace], int]
@@ -18,34 +21,61 @@ _COMMANDS: dict[str, Command] = {}
 
 def _cmd_train_recognizer(args: argparse.Namespace) -> int:
     from plugin_service.models.recognizer import RecognizerSpec
-    from plugin_service.training.recognizer import RecognizerTraining, train_recognizer
 
     spec = RecognizerSpec(arch=args.arch, split=args.split, embedding_dim=args.embedding_dim, width=args.width)
-    train_recognizer(RecognizerTraining(
-        data=args.data, out=args.out, spec=spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, device=args.device, pairs=args.pairs, pairs_root=args.pairs_root))
+    if args.teacher:
+        from plugin_service.training.distill import DistillTraining, distill_recognizer
+
+        report = tuple(zip(args.report_pairs, args.report_roots or [p.parent for p in args.report_pairs]))
+        if args.pairs is not None:
+            report = ((args.pairs, args.pairs_root or args.pairs.parent), *report)
+        distill_recognizer(DistillTraining(
+            data=tuple(args.data), out=args.out, teacher=args.teacher, spec=spec, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, ce_weight=args.ce_weight, seed=args.seed, device=args.device,
+            cache_dir=args.cache_dir, limit_per_identity=args.limit_per_identity,
+            monitor=(args.pairs, args.pairs_root or args.pairs.parent) if args.pairs else None, report=report))
+    else:
+        from plugin_service.training.recognizer import RecognizerTraining, train_recognizer
+
+        if len(args.data) != 1:
+            raise SystemExit("advface train-recognizer: several --data folders need --teacher (labels are per folder)")
+        train_recognizer(RecognizerTraining(
+            data=args.data[0], out=args.out, spec=spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            seed=args.seed, device=args.device, pairs=args.pairs, pairs_root=args.pairs_root))
     print(f"wrote {args.out}")
     return 0
 
 
 def _add_train_recognizer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-recognizer", help="train E + a server-side head on an identity-labelled face folder",
-                       description="Train facenet-pytorch's E and a recognition head as an identity classifier "
-                       "(cross-entropy, Adam, x0.94 per-epoch decay). Resumes from OUT.ckpt if present.")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout folder: NAME/NAME_NNNN.jpg, one folder per identity")
+    p = sub.add_parser("train-recognizer", help="train E + the server-side recogniser R (distilled or from labels)",
+                       description="Train facenet-pytorch's E and the recogniser after the split, R. With --teacher, "
+                       "distil: R(E(x)) learns the teacher's embedding of x (cosine loss, AdamW, warm-up + cosine "
+                       "schedule, flip/scale/shift/rotation/colour augmentation; teacher embeddings cached on disk). "
+                       "Without it, classify identities (cross-entropy, Adam, x0.94 per epoch). Resumes from OUT.ckpt.")
+    p.add_argument("--data", type=Path, required=True, nargs="+",
+                   help="LFW-layout folder(s): NAME/NAME_NNNN.jpg, one folder per identity; never the evaluation sets")
     p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
+    p.add_argument("--teacher", choices=("dlib",), help="distil from this pretrained recogniser (pip install "
+                   "'advface-guard[eval]'); labels are then optional")
     p.add_argument("--arch", choices=("light", "facenet"), default="light",
                    help="light: E + small conv head (trainable on CPU); facenet: full InceptionResnetV1")
     p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
-    p.add_argument("--width", type=int, default=32, help="light head: channels of the first block")
-    p.add_argument("--embedding-dim", type=int, default=128, help="light head: embedding size")
+    p.add_argument("--width", type=int, default=32, help="light head: channels of the first block (default: %(default)s)")
+    p.add_argument("--embedding-dim", type=int, default=128, help="light head: embedding size (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ce-weight", type=float, default=0.0, help="distillation: weight of an identity cross-entropy term")
+    p.add_argument("--limit-per-identity", type=int, help="distillation: at most this many faces per identity")
+    p.add_argument("--cache-dir", type=Path, default=Path(".cache/teacher"),
+                   help="distillation: teacher embedding cache, keyed by pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--pairs", type=Path, help="LFW pairs.txt to report verification accuracy on after training")
+    p.add_argument("--pairs", type=Path, help="LFW pairs.txt to report verification accuracy on (every epoch when distilling)")
     p.add_argument("--pairs-root", type=Path, help="folder the pairs' names refer to (default: next to --pairs)")
+    p.add_argument("--report-pairs", type=Path, nargs="*", default=[],
+                   help="distillation: more pairs files scored once at the end (e.g. LFW's pairs.txt)")
+    p.add_argument("--report-roots", type=Path, nargs="*", help="folders of --report-pairs (default: next to each)")
     p.set_defaults(func=_cmd_train_recognizer)
 
 
@@ -82,6 +112,28 @@ def _add_train_shadow(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=_cmd_train_shadow)
+
+
+def _cmd_bundle_add_recognizer(args: argparse.Namespace) -> int:
+    from plugin_service.training.bundle_recognizer import add_recognizer
+
+    content_hash = add_recognizer(args.bundle, args.recognizer, args.data, args.out, args.limit_per_identity, args.device)
+    print(f"wrote bundle {args.out or args.bundle} (version {content_hash[:12]})")
+    return 0
+
+
+def _add_bundle_add_recognizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bundle-add-recognizer", help="add R (for the resynth protector) to a bundle",
+                       description="Copy the recogniser after the split, R, into a bundle, with resynth's public "
+                       "starting feature (the mean of E over --data) and the largest feature value the service "
+                       "accepts (4x the largest E gave on --data). The recogniser's E must be the bundle's E.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory to extend")
+    p.add_argument("--recognizer", type=Path, required=True, help="recogniser .safetensors whose E is the bundle's")
+    p.add_argument("--data", type=Path, required=True, help="public faces (LFW layout) for the start feature")
+    p.add_argument("--out", type=Path, help="write here instead of rewriting --bundle")
+    p.add_argument("--limit-per-identity", type=int, help="at most this many faces per identity")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_bundle_add_recognizer)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -131,7 +183,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_models(args: argparse.Namespace) -> int:
     from plugin_service.models.extractor import Extractor
     from plugin_service.models.recognizer import LightHead
-    from plugin_service.models.shadow import ShadowSpec, build_shadow, count_parameters, flops_per_face
+    from plugin_service.models.shadow import (
+        ShadowSpec,
+        build_shadow,
+        count_parameters,
+        flops_per_face,
+    )
 
     extractor = Extractor(args.split)
     shape = extractor.feature_shape()
@@ -195,7 +252,7 @@ def _cmd_shadow_check(args: argparse.Namespace) -> int:
     if args.pairs:
         from plugin_service.bundle import default_recognizer_path
         from plugin_service.models.recognizer import load_recognizer
-        from plugin_service.training.loop import pick_device
+        from plugin_service.runtime import pick_device
 
         recognizer = load_recognizer(args.recognizer or default_recognizer_path())
         acc = verification_accuracy(recognizer, args.pairs, args.data, pick_device(args.device))
@@ -222,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow, _add_shadow_check,
+    for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow,
+                _add_bundle_add_recognizer, _add_shadow_check,
                 add_evaluate_parser, add_finetune_head_parser):
         add(sub)
     return parser

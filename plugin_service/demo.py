@@ -32,6 +32,7 @@ def _free_port() -> int:
 def run_demo(faces: Path | None = None, out: Path | None = None, batch_size: int = 16, bundle: Path | None = None) -> int:
     from advface_client.client import GuardClient
     from advface_client.enroll import enroll
+
     from plugin_service.bundle import load_bundle
 
     faces = faces or sample_faces_path()

@@ -17,7 +17,7 @@ import torch
 
 from plugin_service.bundle import Bundle
 from plugin_service.protect import ProtectorParams, build_protector
-from plugin_service.training.loop import pick_device
+from plugin_service.runtime import pick_device
 
 log = logging.getLogger(__name__)
 

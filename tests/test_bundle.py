@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from plugin_service.bundle import MANIFEST, SHADOW_FILE, BundleError, _content_hash, _sha256, load_bundle
+from plugin_service.bundle import (
+    MANIFEST,
+    SHADOW_FILE,
+    BundleError,
+    _content_hash,
+    _sha256,
+    load_bundle,
+)
 from tests.conftest import TINY_PGD, TINY_SHADOW, make_bundle
 
 

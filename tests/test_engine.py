@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from plugin_service.faces import load_face_folder
 from plugin_service.bundle import sample_faces_path
+from plugin_service.faces import load_face_folder
 from plugin_service.models.extractor import Extractor, freeze
 from plugin_service.models.shadow import ShadowSpec, batch_statistics, build_shadow
 from plugin_service.protect.baselines import LaplaceDP, RandomNoise

@@ -9,21 +9,34 @@ import pytest
 import torch
 
 from plugin_service.bundle import load_bundle
-from plugin_service.evaluation.attackers import attacker_recipe, recipe_key, train_attackers
+from plugin_service.evaluation.attackers import (
+    attacker_recipe,
+    recipe_key,
+    train_attackers,
+)
 from plugin_service.evaluation.cache import ModelCache, cache_key
 from plugin_service.evaluation.cli_args import add_evaluate_parser
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.data import batch_order, fingerprint, load_attack_data
-from plugin_service.evaluation.disjointness import DisjointnessError, check_disjoint, shadow_identities
+from plugin_service.evaluation.disjointness import (
+    DisjointnessError,
+    check_disjoint,
+    shadow_identities,
+)
 from plugin_service.evaluation.errors import EvaluationError
 from plugin_service.evaluation.protection import make_protector, protect_dataset
 from plugin_service.evaluation.runner import run_evaluation
-from tests.synthetic_data import write_bundle, write_face_folder, write_pairs, write_recognizer
 from plugin_service.faces import split_identities
 from plugin_service.models.extractor import Extractor
 from plugin_service.models.shadow import ShadowSpec, build_shadow
 from plugin_service.protect.pgd import AdvFace
 from plugin_service.protect.registry import ProtectorParams
+from tests.synthetic_data import (
+    write_bundle,
+    write_face_folder,
+    write_pairs,
+    write_recognizer,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from plugin_service.evaluation.data import PairIndex, pick_examples, subsample_pairs
-from plugin_service.evaluation.metrics import mse, psnr, ssim
-from plugin_service.evaluation.replay import other_image_index, replay_attack, replay_success_rate
-from plugin_service.evaluation.utility import pair_scores, verify
-from plugin_service.evaluation.verification import best_threshold, kfold_accuracy
+from plugin_service.evaluation.data import pick_examples
+from plugin_service.evaluation.replay import (
+    other_image_index,
+    replay_attack,
+    replay_success_rate,
+)
 from plugin_service.faces import Pair
+from plugin_service.image_metrics import mse, psnr, ssim
+from plugin_service.pairs import PairIndex, subsample_pairs
+from plugin_service.verification import (
+    best_threshold,
+    kfold_accuracy,
+    pair_scores,
+    verify,
+)
 
 
 def _const(value: float, n: int = 2, size: int = 32) -> torch.Tensor:

@@ -11,15 +11,20 @@ import torch
 
 from plugin_service.evaluation.cache import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
-from plugin_service.evaluation.data import load_eval_faces
-from plugin_service.evaluation.metrics import psnr
 from plugin_service.evaluation.report import FIGURES, REPORT, RESULTS, _clean, fmt
 from plugin_service.evaluation.runner import run_evaluation
-from tests.synthetic_data import write_bundle, write_face_folder, write_pairs, write_recognizer
-from plugin_service.evaluation.verification import cosine_similarity, kfold_accuracy
 from plugin_service.faces import split_identities
+from plugin_service.image_metrics import psnr
 from plugin_service.models.recognizer import load_recognizer
 from plugin_service.models.shadow import ShadowSpec
+from plugin_service.pairs import load_eval_faces
+from plugin_service.verification import cosine_similarity, kfold_accuracy
+from tests.synthetic_data import (
+    write_bundle,
+    write_face_folder,
+    write_pairs,
+    write_recognizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from plugin_service.bundle import sample_faces_path
-from plugin_service.faces import NoFaceFound, align, load_face, load_face_folder, read_pairs, split_identities
+from plugin_service.faces import (
+    NoFaceFound,
+    align,
+    load_face,
+    load_face_folder,
+    read_pairs,
+    split_identities,
+)
 
 PHOTOS = Path(__file__).resolve().parents[1] / "plugin_service" / "assets" / "sample_photos"
 

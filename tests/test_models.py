@@ -10,7 +10,12 @@ from facenet_pytorch import InceptionResnetV1
 
 from plugin_service.models.extractor import Extractor, freeze, standardize
 from plugin_service.models.recognizer import Recognizer, RecognizerSpec, load_recognizer
-from plugin_service.models.shadow import SHADOW_ARCHITECTURES, ShadowSpec, build_shadow, flops_per_face
+from plugin_service.models.shadow import (
+    SHADOW_ARCHITECTURES,
+    ShadowSpec,
+    build_shadow,
+    flops_per_face,
+)
 
 
 def test_extractor_output_shape() -> None:

@@ -27,7 +27,11 @@ from plugin_service.evaluation.errors import EvaluationError
 from plugin_service.faces import FaceSet
 from plugin_service.models.extractor import freeze
 from plugin_service.models.shadow import SHADOW_ARCHITECTURES, ShadowSpec
-from plugin_service.training.reconstruction import ReconstructionTraining, ValidationScores, train_reconstructor
+from plugin_service.training.reconstruction import (
+    ReconstructionTraining,
+    ValidationScores,
+    train_reconstructor,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHS = ("urec", "resrec", "transrec")
-PROTECTOR_NAMES = ("none", "random", "dp", "advface")
+PROTECTOR_NAMES = ("none", "random", "dp", "advface", "resynth")  # the registry's, without importing torch
 
 
 def _names(allowed: tuple[str, ...], empty: str | None = None) -> Callable[[str], tuple[str, ...]]:
@@ -51,6 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from plugin_service.evaluation.errors import EvaluationError
     from plugin_service.evaluation.report import REPORT, RESULTS, fmt
     from plugin_service.evaluation.runner import run_evaluation
+    from plugin_service.judge import JudgeNotInstalled
 
     fields: dict[str, Any] = {
         "data": args.data, "pairs": args.pairs, "attack_data": args.attack_data, "out": args.out,
@@ -64,12 +65,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "pairs_per_fold": args.pairs_per_fold,
         "attack_limit_per_identity": args.attack_limit_per_identity, "attack_max_identities": args.attack_max_identities,
         "examples": args.examples, "cache_dir": args.cache_dir, "device": args.device, "seed": args.seed,
+        "tier_faces": args.tier_faces, "tier_attack_faces": args.tier_attack_faces, "tier_epochs": args.tier_epochs,
+        "inversion_faces": args.inversion_faces, "inversion_steps": args.inversion_steps,
+        "surrogate_epochs": args.surrogate_epochs, "judge_cache_dir": args.judge_cache_dir,
     }
+    if args.no_tiers:
+        fields["tiers"] = False
     try:
         cfg = EvaluationConfig.create(quick=args.quick, use_cache=not args.no_cache, adaptive_attacker=args.adaptive_attacker,
                                       allow_unknown_shadow_data=args.allow_unknown_shadow_data, **fields)
         results = run_evaluation(cfg)
-    except (EvaluationError, BundleError, FileNotFoundError) as e:
+    except (EvaluationError, BundleError, FileNotFoundError, JudgeNotInstalled) as e:
         print(f"advface evaluate: {e}", file=sys.stderr)
         return 2
     print(f"clean verification accuracy {fmt(results['clean']['recognizer']['accuracy'], 'accuracy')}")
@@ -137,6 +143,15 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     g.add_argument("--no-cache", action="store_true", help="train every network afresh and cache nothing")
     g.add_argument("--allow-unknown-shadow-data", action="store_true",
                    help="evaluate a bundle whose manifest does not record its shadow identities (disjointness unverified)")
+    g = p.add_argument_group("attacker tiers (A0-A3 and the embedding-only floor; need the dlib judge)")
+    g.add_argument("--no-tiers", action="store_true", help="skip the tiers (and the judge)")
+    g.add_argument("--tier-faces", type=int, help="privacy faces the tiers score (default: 1024)")
+    g.add_argument("--tier-attack-faces", type=int, help="attacker faces for A1 decoders, linkage and surrogate E (default: 1024)")
+    g.add_argument("--tier-epochs", type=int, help="epochs of A1 decoders, the floor decoder and the linkage student (default: 8)")
+    g.add_argument("--inversion-faces", type=int, help="faces each A2 inversion runs on (default: 64)")
+    g.add_argument("--inversion-steps", type=int, help="Adam steps per A2 inversion (default: 200)")
+    g.add_argument("--surrogate-epochs", type=int, help="epochs fitting the black-box surrogate E (default: 3)")
+    g.add_argument("--judge-cache-dir", type=Path, help="judge embedding cache (default: ~/.cache/advface/judge)")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, help="faces per protector call; AdvFace uses batch statistics (default: 32)")
     g.add_argument("--pairs-per-fold", type=int, help="use only this many matched and mismatched pairs per fold")

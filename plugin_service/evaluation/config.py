@@ -31,6 +31,12 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "attack_limit_per_identity": 4,
     "attack_max_identities": 40,
     "examples": 3,
+    "tier_faces": 8,
+    "tier_attack_faces": 24,
+    "tier_epochs": 1,
+    "inversion_faces": 2,
+    "inversion_steps": 3,
+    "surrogate_epochs": 1,
 }
 
 
@@ -58,7 +64,7 @@ class EvaluationConfig:
     recognizer: Path | None = None  # None: the default recogniser embedded in the package
     finetuned_recognizer: Path | None = None  # a head fine-tuned by `advface finetune-head`
 
-    protectors: tuple[str, ...] = ("none", "random", "dp", "advface")
+    protectors: tuple[str, ...] = ("none", "random", "dp", "advface", "resynth")
     attackers: tuple[str, ...] = ("urec", "resrec", "transrec")
     adaptive_attacker: str | None = "urec"  # None (or "none" in create): no adaptive attacker
     transfer_shadows: tuple[str, ...] = SHADOW_ARCHITECTURES  # empty: no transferability matrix
@@ -85,6 +91,18 @@ class EvaluationConfig:
     attack_limit_per_identity: int | None = None
     attack_max_identities: int | None = None
     examples: int = 4  # faces in the reconstruction figure
+
+    tiers: bool = True  # the attacker tiers A0-A3 and the embedding-only floor (needs the dlib judge)
+    tier_faces: int | None = 1024  # privacy faces the tiers score; None: every verification face
+    tier_attack_faces: int = 1024  # attacker faces for A1 decoders, the linkage student, the surrogate E
+    tier_epochs: int = 8  # A1 decoders, the floor's decoder and the linkage student
+    tier_lr: float = 1e-3  # A1 decoders: faster than the paper's 1e-4, the attacker is in a hurry
+    inversion_faces: int = 64  # A2 inversions are per-face optimisations: the first N privacy faces
+    inversion_steps: int = 200
+    inversion_lr: float = 0.3
+    inversion_tv: float = 0.1
+    surrogate_epochs: int = 3  # black-box A2: epochs fitting a surrogate E to (public face, E(face)) queries
+    judge_cache_dir: Path | None = None  # None: default_cache_dir()'s sibling 'judge'
 
     cache_dir: Path | None = None  # None: default_cache_dir()
     use_cache: bool = True
@@ -132,6 +150,9 @@ class EvaluationConfig:
         """The main tables' protector settings; unset fields keep the bundle's / registry's defaults."""
         dp = {k: v for k, v in (("dp_epsilon", self.dp_epsilon), ("dp_bound", self.dp_bound)) if v is not None}
         return ProtectorParams(steps=self.pgd_steps, alpha=self.pgd_alpha, eps=self.protector_eps, **dp)
+
+    def resolved_judge_cache_dir(self) -> Path:
+        return self.judge_cache_dir or default_cache_dir().parent / "judge"
 
     def resolved_cache_dir(self) -> Path | None:
         if not self.use_cache:

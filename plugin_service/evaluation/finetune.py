@@ -32,7 +32,7 @@ from plugin_service.faces import load_face_folder, split_identities
 from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import Recognizer, load_recognizer
 from plugin_service.protect.registry import ProtectorParams
-from plugin_service.training.loop import minibatches, pick_device, progress, seed_everything
+from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
 from plugin_service.training.recognizer import EMBEDDING_SCALE
 
 log = logging.getLogger(__name__)

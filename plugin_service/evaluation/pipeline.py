@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from plugin_service.evaluation.metrics import mse, psnr, ssim
+from plugin_service.image_metrics import mse, psnr, ssim
 from plugin_service.models.extractor import FACE_SIZE
 from plugin_service.models.recognizer import Recognizer
 from plugin_service.protect.base import Protector
-from plugin_service.training.loop import progress
+from plugin_service.runtime import progress
 
 
 @dataclass
@@ -95,13 +95,3 @@ def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, pr
     has_shadow = not np.isnan(before).all()
     return PassOutputs(attacks, feat_emb, norms, before if has_shadow else None, after if has_shadow else None,
                        seconds=time.perf_counter() - start)
-
-
-@torch.no_grad()
-def embed_images(model: Recognizer, images: torch.Tensor, device: torch.device, batch_size: int = 64,
-                 desc: str = "embedding") -> torch.Tensor:
-    """The recogniser's (N, D) embeddings of uint8 faces, batch by batch, on the CPU."""
-    batches = torch.arange(len(images)).split(batch_size)
-    out = [model(images[idx].float().div(255.0).to(device)).float().cpu()
-           for idx in progress(batches, total=len(batches), desc=desc)]
-    return torch.cat(out)

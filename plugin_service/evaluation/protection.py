@@ -17,12 +17,14 @@ from plugin_service.bundle import Bundle
 from plugin_service.protect.base import Protector
 from plugin_service.protect.pgd import AdvFace
 from plugin_service.protect.registry import ProtectorParams, build_protector
-from plugin_service.training.loop import progress
+from plugin_service.runtime import progress
 
 
 def make_protector(name: str, bundle: Bundle, params: ProtectorParams, shadow: nn.Module | None = None,
                    generator: torch.Generator | None = None) -> Protector:
     """``name`` with ``params`` (None fields: the bundle's PGD defaults); ``shadow`` replaces the bundle's S."""
+    if name == "resynth":  # its step limit is its own default, not PGD's
+        return build_protector(name, bundle, params)
     p = params.resolved(bundle)
     if name == "advface":
         assert p.steps is not None and p.alpha is not None and p.eps is not None and p.norm is not None

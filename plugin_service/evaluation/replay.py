@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from plugin_service.evaluation.verification import cosine_similarity
+from plugin_service.verification import cosine_similarity
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ from plugin_service.evaluation import figures
 RESULTS = "results.json"
 REPORT = "report.md"
 FIGURES = {"reconstructions": "reconstructions.png", "tradeoff": "tradeoff.png", "transfer": "transfer.png"}
+TIER_TITLES = {
+    "A0": "A0: decoder trained on clean features (public faces, E)",
+    "A1": "A1: the attacker knows the defence (decoder trained on its own protected features; A0 fine-tuned on them)",
+    "A2": "A2: training-free inversion (optimise an image until E(image) matches the stored feature)",
+    "A3": "A3: identity linkage (a student from stored value to the independent judge's embedding)",
+}
 
 
 def fmt(value: Any, kind: str) -> str:
@@ -179,6 +185,38 @@ def _transfer(r: dict[str, Any], figure: str | None) -> list[str]:
     return out
 
 
+def _tiers(r: dict[str, Any], figures_made: dict[str, str]) -> list[str]:
+    t = r.get("tiers") or {}
+    if not t:
+        return []
+    lines = ["## Attacker tiers", "",
+             f"{t['privacy_faces']} privacy faces of {t['privacy_identities']} identities; gallery of one other photo of "
+             f"{t['gallery_identities']} identities (rank-1 chance {fmt(t['chance_rank1'], 'rate')}); attackers trained on "
+             f"{t['attacker_faces']} faces of {t['attacker_identities']} identities of their own half; A2 on the first "
+             f"{t['inversion_faces']} faces ({t['inversion']['steps']} Adam steps, lr {t['inversion']['lr']:g}, TV "
+             f"{t['inversion']['tv_weight']:g}). Judge: {t['judge']} (same image: distance < {t['judge_threshold']:g}; "
+             f"SRRA: the project's recogniser at the clean threshold {t['srra_threshold']:.3f}). "
+             "`embedding-only` is the floor: the same attacks on e = R(z) alone.", ""]
+    header = ["protector", "attack", "faces", "SSIM", "PSNR dB", "dlib same-image", "dlib rank-1", "SRRA"]
+    for tier in ("A0", "A1", "A2"):
+        rows = [[row["protector"], row["attack"], str(row["faces"]), fmt(row["ssim"], "ssim"), fmt(row["psnr"], "psnr"),
+                 fmt(row["dlib_same"], "rate"), fmt(row["dlib_rank1"], "rate"), fmt(row["srra"], "rate")]
+                for row in t["rows"] if row["tier"] == tier]
+        lines += [f"### {TIER_TITLES[tier]}", "", *_table(header, rows)]
+        if figures_made.get(f"tier_{tier}"):
+            lines += [f"![{tier}]({figures_made[f'tier_{tier}']})", ""]
+    best: dict[str, dict[str, Any]] = {}
+    for row in t["rows"]:
+        if row["dlib_rank1"] is not None and (row["protector"] not in best or
+                                               row["dlib_rank1"] > best[row["protector"]]["dlib_rank1"]):
+            best[row["protector"]] = row
+    rows = [[name, fmt(rank, "rate"), fmt(best[name]["dlib_rank1"], "rate") if name in best else "n/a",
+             best[name]["attack"] if name in best else ""] for name, rank in t["linkage_rank1"].items()]
+    lines += [f"### {TIER_TITLES['A3']}", "",
+              *_table(["protector", "linkage rank-1", "best reconstruction rank-1 (judge)", "from"], rows)]
+    return lines
+
+
 def render_report(r: dict[str, Any]) -> str:
     """report.md's text from a results dict (as written to results.json)."""
     figs = r.get("figures", {})
@@ -191,7 +229,7 @@ def render_report(r: dict[str, Any]) -> str:
                   f"Original faces and what `{r['main_attacker']}` recovers from each stored feature "
                   "(and the adaptive attacker from AdvFace's).", "",
                   f"![reconstructions]({figs['reconstructions']})", ""]
-    lines += [*_tradeoff(r, figs.get("tradeoff")), *_transfer(r, figs.get("transfer"))]
+    lines += [*_tiers(r, figs), *_tradeoff(r, figs.get("tradeoff")), *_transfer(r, figs.get("transfer"))]
     return "\n".join(lines)
 
 
@@ -222,6 +260,16 @@ def write_outputs(results: dict[str, Any], examples: dict[str, Any], out: Path) 
         figures.transfer_heatmap([f"{s}\n({label})" for s, label in zip(t["shadows"], t["shadow_labels"])],
                                  t["attackers"], t["psnr"], t["ssim"], out / FIGURES["transfer"])
         made["transfer"] = FIGURES["transfer"]
+    tiers = examples.get("tiers")
+    if tiers is not None and len(tiers["faces"]):
+        for tier in ("A0", "A1", "A2"):
+            columns = [(f"{name}\n{attack.removeprefix(tier + ' ')[:22]}", recon)
+                       for name, sets in tiers["columns"].items() for attack, recon in sets.items()
+                       if attack.startswith(tier + " ") and len(recon) == len(tiers["faces"])]
+            if columns:
+                name = f"tier_{tier}.png"
+                figures.reconstruction_grid(tiers["faces"], columns, out / name)
+                made[f"tier_{tier}"] = name
     results["figures"] = made
     clean = _clean(results)
     (out / RESULTS).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")

@@ -29,20 +29,26 @@ from torch import nn
 
 from plugin_service.bundle import Bundle, default_recognizer_path, load_bundle
 from plugin_service.evaluation.adaptive import train_adaptive_attacker
-from plugin_service.evaluation.attackers import TrainedNet, train_attackers, train_transfer_shadows
+from plugin_service.evaluation.attackers import (
+    TrainedNet,
+    train_attackers,
+    train_transfer_shadows,
+)
 from plugin_service.evaluation.cache import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.consistency import require_same_extractor
-from plugin_service.evaluation.data import EvalFaces, batch_order, load_attack_data, load_eval_faces, pick_examples
+from plugin_service.evaluation.data import batch_order, load_attack_data, pick_examples
 from plugin_service.evaluation.disjointness import check_disjoint
-from plugin_service.evaluation.pipeline import PassOutputs, embed_images, run_pass
+from plugin_service.evaluation.pipeline import PassOutputs, run_pass
 from plugin_service.evaluation.privacy import summarize
 from plugin_service.evaluation.protection import make_protector, with_eps
 from plugin_service.evaluation.replay import replay_attack
-from plugin_service.evaluation.utility import verification_summary, verify
-from plugin_service.models.recognizer import Recognizer, load_recognizer
+from plugin_service.judge import EmbeddingCache, load_judge
+from plugin_service.models.recognizer import Recognizer, embed_images, load_recognizer
+from plugin_service.pairs import EvalFaces, load_eval_faces
 from plugin_service.protect.registry import ProtectorParams
-from plugin_service.training.loop import pick_device, seed_everything
+from plugin_service.runtime import pick_device, seed_everything
+from plugin_service.verification import verification_summary, verify
 
 log = logging.getLogger(__name__)
 PRIMARY = "recognizer"
@@ -135,6 +141,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     seed_everything(cfg.seed)
+    judge = load_judge() if cfg.tiers else None  # fails fast, naming what to install
     device = pick_device(cfg.device)
     bundle = load_bundle(cfg.bundle).to(device)
     heads, recognizer_info = _load_heads(cfg, bundle, device)
@@ -189,6 +196,16 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
             "accuracy": [r["utility"][PRIMARY]["accuracy"] for r in rows],
         }
 
+    tiers: dict[str, Any] = {}
+    tier_examples = None
+    if judge is not None:
+        from plugin_service.evaluation.tiers import run_tiers
+
+        judge_cache = EmbeddingCache(cfg.resolved_judge_cache_dir(), judge.name)
+        tiers, tier_examples = run_tiers(cfg, bundle, heads[PRIMARY], faces, attack, paper_attackers[cfg.attackers[0]],
+                                         protectors, threshold, judge, ModelCache(cfg.resolved_cache_dir()),
+                                         judge_cache, device)
+
     results: dict[str, Any] = {
         "meta": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
                  "torch": torch.__version__, "python": platform.python_version(),
@@ -212,8 +229,11 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
         "main": main,
         "tradeoff": tradeoff,
         "transfer": transfer,
+        "tiers": tiers,
     }
     examples = {"faces": faces.images[passes.examples].float().div(255.0),
                 "columns": [(name, passes.example_images[main[name]["key"]]) for name in protectors]}
+    if tier_examples is not None:
+        examples["tiers"] = tier_examples
     write_outputs(results, examples, cfg.out)
     return results

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from plugin_service.bundle import load_bundle
-from plugin_service.evaluation.metrics import psnr, ssim
 from plugin_service.faces import load_face_folder
+from plugin_service.image_metrics import psnr, ssim
 from plugin_service.protect import build_protector
-from plugin_service.training.loop import pick_device, progress
+from plugin_service.runtime import pick_device, progress
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plugin_service.models.extractor import DEFAULT_SPLIT, STEM_LAYERS, Extractor, layers_until
+from plugin_service.runtime import progress
 
 ARCHITECTURES = ("light", "facenet")
 
@@ -170,3 +171,13 @@ def load_recognizer(path: Path, map_location: str = "cpu") -> Recognizer:
     model = Recognizer(spec)
     model.load_flat_state(state)
     return model
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64,
+                 desc: str = "embedding") -> torch.Tensor:
+    """The recogniser's (N, D) embeddings of uint8 faces, batch by batch, on the CPU."""
+    batches = torch.arange(len(images)).split(batch_size)
+    out = [model(images[idx].float().div(255.0).to(device)).float().cpu()
+           for idx in progress(batches, total=len(batches), desc=desc)]
+    return torch.cat(out)

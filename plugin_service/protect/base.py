@@ -15,13 +15,16 @@ class Protection:
 
     ``shadow_loss_before``/``after`` are the L1 reconstruction loss of the shadow model on the
     shadow feature and on the protected feature; their ratio is the privacy gain an operator
-    watches. Protectors without a shadow model leave them as None.
+    watches. Protectors without a shadow model leave them as None. ``cosine`` and ``steps`` are
+    resynth's: how close the stored feature's embedding came to the original's, and at what cost.
     """
 
     features: torch.Tensor
     perturbation_norm: torch.Tensor
     shadow_loss_before: torch.Tensor | None = None
     shadow_loss_after: torch.Tensor | None = None
+    cosine: torch.Tensor | None = None  # resynth: cos(R(stored), R(z)) reached
+    steps: torch.Tensor | None = None  # resynth: optimiser steps taken
 
 
 class Protector(ABC):

@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 
-from plugin_service.protect.base import Protection, Protector, lp_norm, project, steepest_step
+from plugin_service.protect.base import (
+    Protection,
+    Protector,
+    lp_norm,
+    project,
+    steepest_step,
+)
 
 
 class Identity(Protector):

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.models.shadow import batch_statistics
-from plugin_service.protect.base import Protection, Protector, lp_norm, project, steepest_step
+from plugin_service.protect.base import (
+    Protection,
+    Protector,
+    lp_norm,
+    project,
+    steepest_step,
+)
 
 
 class AdvFace(Protector):

@@ -10,8 +10,9 @@ from plugin_service.bundle import Bundle
 from plugin_service.protect.base import Protector
 from plugin_service.protect.baselines import Identity, LaplaceDP, RandomNoise
 from plugin_service.protect.pgd import AdvFace
+from plugin_service.protect.resynth import Resynth
 
-PROTECTORS = ("advface", "random", "dp", "none")
+PROTECTORS = ("advface", "resynth", "random", "dp", "none")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ProtectorParams:
     norm: str | None = None
     dp_epsilon: float = 1.0
     dp_bound: float = 3.0
+    target_cosine: float | None = None  # resynth; None: the bundle's
 
     def resolved(self, bundle: Bundle) -> ProtectorParams:
         d = bundle.manifest.pgd
@@ -35,6 +37,13 @@ class ProtectorParams:
 
 def build_protector(name: str, bundle: Bundle, params: ProtectorParams = ProtectorParams(),
                     generator: torch.Generator | None = None) -> Protector:
+    """The named protector on ``bundle``'s models; ``steps`` is resynth's step limit when given."""
+    if name == "resynth":
+        recognizer, start = bundle.require_recognizer("the resynth protector")
+        d = bundle.manifest.resynth
+        return Resynth(recognizer.head, start,
+                       target_cosine=d.target_cosine if params.target_cosine is None else params.target_cosine,
+                       max_steps=d.max_steps if params.steps is None else params.steps, lr=d.lr)
     p = params.resolved(bundle)
     assert p.steps is not None and p.alpha is not None and p.eps is not None and p.norm is not None
     if name == "advface":

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.evaluation.data import load_eval_faces
-from plugin_service.evaluation.pipeline import embed_images
-from plugin_service.evaluation.utility import verify
 from plugin_service.faces import FaceSet, load_face_folder
-from plugin_service.models.recognizer import Recognizer, RecognizerSpec
-from plugin_service.training.loop import Checkpointer, minibatches, pick_device, progress, seed_everything
+from plugin_service.models.recognizer import Recognizer, RecognizerSpec, embed_images
+from plugin_service.pairs import load_eval_faces
+from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
+from plugin_service.training.loop import Checkpointer
+from plugin_service.verification import verify
 
 log = logging.getLogger(__name__)
 # Unit embeddings are scaled before the identity classifier so that softmax can become confident.

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.evaluation.metrics import psnr, ssim
 from plugin_service.faces import FaceSet
+from plugin_service.image_metrics import psnr, ssim
 from plugin_service.models.shadow import ShadowSpec, build_shadow
-from plugin_service.training.loop import Checkpointer, minibatches, progress, seed_everything
+from plugin_service.runtime import minibatches, progress, seed_everything
+from plugin_service.training.loop import Checkpointer
 
 log = logging.getLogger(__name__)
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -72,10 +73,16 @@ def validate(model: nn.Module, faces: torch.Tensor, features_of: FeatureFn, devi
 
 def fit_reconstructor(cfg: ReconstructionTraining, n: int, pairs: Callable[[torch.Tensor, torch.Generator],
                       tuple[torch.Tensor, torch.Tensor]], validation: Callable[[nn.Module], ValidationScores],
-                      device: torch.device, desc: str) -> tuple[nn.Module, ValidationScores]:
-    """The one L1 training loop: ``pairs(indices, generator)`` gives each minibatch's (images, features)."""
+                      device: torch.device, desc: str, model: nn.Module | None = None) -> tuple[nn.Module, ValidationScores]:
+    """The one L1 training loop: ``pairs(indices, generator)`` gives each minibatch's (images, features).
+
+    ``model`` continues training a given network (a fine-tune, or a decoder that is not a
+    :class:`ShadowSpec` architecture) instead of a fresh ``cfg.spec``.
+    """
     generator = seed_everything(cfg.seed)
-    model = build_shadow(cfg.spec).to(device)
+    model = (build_shadow(cfg.spec) if model is None else model).to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt = Checkpointer(cfg.checkpoint) if cfg.checkpoint else None
     start = ckpt.restore(generator, model=model, optimizer=optimizer) if ckpt else 0

@@ -13,8 +13,12 @@ from plugin_service.faces import load_face_folder, split_identities
 from plugin_service.models.extractor import DEFAULT_SPLIT, Extractor, freeze
 from plugin_service.models.recognizer import load_recognizer
 from plugin_service.models.shadow import ShadowSpec
-from plugin_service.training.loop import Checkpointer, pick_device
-from plugin_service.training.reconstruction import ReconstructionTraining, train_reconstructor
+from plugin_service.runtime import pick_device
+from plugin_service.training.loop import Checkpointer
+from plugin_service.training.reconstruction import (
+    ReconstructionTraining,
+    train_reconstructor,
+)
 
 log = logging.getLogger(__name__)
 HALVES = ("all", "defender", "attacker")

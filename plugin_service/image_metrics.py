@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 
 def ssim(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

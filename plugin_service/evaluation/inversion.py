@@ -1,0 +1,107 @@
+"""Training-free attacks (tier A2 and the floor's): optimise an image until a known network maps it to the stored value.
+
+E is public (every client device runs it) and three conv layers deep, and a feature holds about
+five times more numbers than the face, so no decoder needs training: Adam on the pixels of a
+sigmoid-parametrised image (so it stays in [0, 1]) with a small total-variation prior finds the
+face. When only black-box access to E is assumed, the same runs through a surrogate E fitted on
+(public image, E(image)) queries. The embedding-only control inverts R∘E onto e instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plugin_service.models.extractor import FACE_SIZE, Extractor
+from plugin_service.runtime import minibatches, progress, seed_everything
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, targets) -> per-face loss (N,)
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Adam on sigmoid logits; ``tv_weight`` scales the total-variation prior."""
+
+    steps: int = 200
+    lr: float = 0.05
+    tv_weight: float = 0.05
+    batch_size: int = 32
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """(N,) mean absolute difference between neighbouring pixels: small for smooth, natural images."""
+    dx = (images[..., 1:] - images[..., :-1]).abs().flatten(1).mean(1)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(1)
+    return dx + dy
+
+
+def feature_objective(extractor: nn.Module) -> Objective:
+    """Per-face mean squared error between E(image) and the stored feature."""
+    def loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(extractor(images), targets, reduction="none").flatten(1).mean(1)
+    return loss
+
+
+def embedding_objective(recognizer: nn.Module) -> Objective:
+    """Per-face 1 - cos between R(E(image)) and the stored embedding (the floor's inversion)."""
+    def loss(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 1 - F.cosine_similarity(recognizer(images), targets, dim=1)
+    return loss
+
+
+def invert(objective: Objective, targets: torch.Tensor, settings: InversionSettings, device: torch.device,
+           init: torch.Tensor | None = None, desc: str = "inversion") -> torch.Tensor:
+    """(N, 3, 160, 160) images in [0, 1] minimising ``objective`` + TV, from grey or from ``init``.
+
+    Faces are optimised in batches, independently (the objective is per face and the networks are
+    in eval mode), so a face's result does not depend on its batch-mates.
+    """
+    out = torch.zeros(len(targets), 3, FACE_SIZE, FACE_SIZE)
+    batches = list(torch.arange(len(targets)).split(settings.batch_size))
+    for idx in progress(batches, desc=desc):
+        t = targets[idx].float().to(device)
+        start = torch.full((len(idx), 3, FACE_SIZE, FACE_SIZE), 0.5) if init is None else init[idx].float()
+        logits = torch.logit(start.clamp(0.02, 0.98)).to(device).requires_grad_(True)
+        optimizer = torch.optim.Adam([logits], lr=settings.lr)
+        with torch.enable_grad():
+            for _ in range(settings.steps):
+                images = torch.sigmoid(logits)
+                loss = objective(images, t) + settings.tv_weight * total_variation(images)
+                optimizer.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                optimizer.step()
+        out[idx] = torch.sigmoid(logits.detach()).cpu()
+    return out
+
+
+def fit_surrogate_extractor(images: torch.Tensor, query: nn.Module, split: str, epochs: int, device: torch.device,
+                            batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> Extractor:
+    """A fresh E of the same architecture fitted by MSE to ``query``'s answers on uint8 public faces.
+
+    This is the paper's black-box threat model made concrete: the attacker owns a client device,
+    feeds it public faces and records what comes out.
+    """
+    generator = seed_everything(seed)
+    surrogate = Extractor(split).to(device)
+    optimizer = torch.optim.Adam(surrogate.parameters(), lr=lr)
+    for epoch in range(epochs):
+        surrogate.train()
+        bar = progress(minibatches(len(images), batch_size, generator, drop_last=True),
+                       total=max(1, len(images) // batch_size), desc=f"surrogate E epoch {epoch + 1}/{epochs}")
+        for idx in bar:
+            x = images[idx].float().div(255).to(device)
+            with torch.no_grad():
+                target = query(x)
+            loss = F.mse_loss(surrogate(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(mse=f"{loss.item():.4f}")
+    surrogate.eval()
+    for p in surrogate.parameters():
+        p.requires_grad_(False)
+    return surrogate

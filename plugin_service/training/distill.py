@@ -1,0 +1,195 @@
+"""`advface train-recognizer --teacher dlib`: E + R distilled from a strong pretrained recogniser.
+
+Trained from scratch on 3.8k labelled faces, the recogniser reached 76.5 % on the dev pairs;
+a pretrained teacher (dlib's ResNet, 99.38 % on LFW) knows identity far better but works on
+images, not on E's features, so it cannot be the backend's recogniser. It can teach one: the
+student R(E(x)) learns to point where the teacher's embedding of x points (cosine loss on unit
+vectors). That needs no labels, so every public face helps, and the teacher runs once per face
+(its embeddings are cached on disk); the student sees augmented copies (flip, scale/shift
+jitter, colour) against the clean face's target, which also teaches it to ignore them.
+
+An identity cross-entropy on folder labels can be added (``ce_weight``) where labels exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plugin_service.faces import FaceSet, load_face_folder
+from plugin_service.judge import EmbeddingCache, load_judge
+from plugin_service.models.recognizer import Recognizer, RecognizerSpec, embed_images
+from plugin_service.pairs import load_eval_faces
+from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
+from plugin_service.training.loop import Checkpointer
+from plugin_service.verification import verify
+
+log = logging.getLogger(__name__)
+TEACHERS = ("dlib",)
+Teacher = Callable[[torch.Tensor], torch.Tensor]  # uint8 faces (N, 3, 160, 160) -> (N, D)
+
+
+@dataclass(frozen=True)
+class DistillTraining:
+    """One distillation run; ``advface train-recognizer --help`` documents each field."""
+
+    data: tuple[Path, ...]
+    out: Path
+    teacher: str = "dlib"
+    spec: RecognizerSpec = RecognizerSpec(width=64, embedding_dim=128)
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    ce_weight: float = 0.0  # > 0 adds identity cross-entropy over the folders' labels
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: Path = Path(".cache/teacher")
+    limit_per_identity: int | None = None
+    monitor: tuple[Path, Path] | None = None  # (pairs file, root): accuracy logged after every epoch
+    report: tuple[tuple[Path, Path], ...] = field(default_factory=tuple)  # (pairs, root) scored at the end
+
+
+def build_teacher(name: str) -> tuple[str, Teacher]:
+    """(cache name, embedder) of a teacher; a missing install raises JudgeNotInstalled naming the fix."""
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    judge = load_judge()
+    return judge.name, judge.embed
+
+
+def load_training_faces(roots: Sequence[Path], limit_per_identity: int | None) -> FaceSet:
+    """Every face of every root, with identities kept apart per root (labels for the optional CE)."""
+    sets = [load_face_folder(r, limit_per_identity) for r in roots]
+    images, labels, names, paths, offset = [], [], [], [], 0
+    for root, s in zip(roots, sets):
+        images.append(s.images)
+        labels.append(s.labels + offset)
+        names += [f"{Path(root).name}/{n}" for n in s.identities]
+        paths += s.paths
+        offset += len(s.identities)
+    return FaceSet(torch.cat(images), torch.cat(labels), names, paths)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per face: flip, scale 0.9-1.1, shift up to 6 px, rotation up to 5 degrees, colour jitter."""
+    n = images.shape[0]
+    u = torch.rand(n, 8, generator=generator)
+    scale = 0.9 + 0.2 * u[:, 0]
+    angle = (u[:, 1] - 0.5) * math.radians(10)
+    flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    tx, ty = (u[:, 3] - 0.5) * 12 / 80, (u[:, 4] - 0.5) * 12 / 80  # grid units: 80 px = 1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness = (0.8 + 0.4 * u[:, 5]).view(n, 1, 1, 1).to(images)
+    contrast = (0.8 + 0.4 * u[:, 6]).view(n, 1, 1, 1).to(images)
+    saturation = (0.7 + 0.6 * u[:, 7]).view(n, 1, 1, 1).to(images)
+    grey = out.mean(dim=1, keepdim=True)
+    out = grey + (out - grey) * saturation
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean).mul(brightness).clamp(0, 1)
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cos between student and (centred) teacher embeddings, both normalised here."""
+    return (1 - F.cosine_similarity(student, F.normalize(teacher, dim=1), dim=1)).mean()
+
+
+def pairs_report(model: Recognizer, pairs: Path, root: Path, device: torch.device) -> dict[str, float]:
+    """10-fold accuracy, fold spread and TAR@FAR of ``model`` on an LFW-format pairs file."""
+    faces = load_eval_faces(root, pairs)
+    model.eval()
+    emb = embed_images(model, faces.images, device, desc=f"embedding {Path(pairs).name}")
+    r = verify(emb, emb, faces.pairs)
+    return {"pairs": len(faces.pairs), "accuracy": r.accuracy, "std": r.std,
+            **{f"tar@far={k}": v for k, v in r.tar_at_far.items()}}
+
+
+def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
+                       teacher_name: str | None = None) -> tuple[Recognizer, dict[str, dict[str, float]]]:
+    """Trains E + R on the teacher's embeddings; returns the student and its pairs reports.
+
+    ``teacher`` replaces the named one (tests use a cheap deterministic function).
+    """
+    if teacher is None:
+        teacher_name, teacher = build_teacher(cfg.teacher)
+    assert teacher_name is not None, "a custom teacher needs a name for its embedding cache"
+    generator = seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    faces = load_training_faces(cfg.data, cfg.limit_per_identity)
+    cache = EmbeddingCache(cfg.cache_dir, teacher_name)
+    raw = cache.embed(faces.images, teacher, desc=f"teacher {teacher_name}")
+    # Centred: every dlib descriptor shares a large common component (two strangers' raw vectors
+    # have cosine ~0.8), so without centring a student that outputs the mean direction already
+    # scores cos 0.8 and learns little identity. Distances, and so the teacher's decisions, are unchanged.
+    targets = raw - raw.mean(dim=0, keepdim=True)
+    log.info("distilling %s (%s head, width %d) from %s on %d faces of %d identities (%s)", cfg.out.name,
+             cfg.spec.arch, cfg.spec.width, teacher_name, len(faces), len(faces.identities), device)
+
+    # channels_last: about 25 % faster convolutions on CPU (measured here), same results.
+    model = Recognizer(cfg.spec).to(device, memory_format=torch.channels_last)
+    # A learned map when the student's embedding size differs from the teacher's (facenet: 512 vs 128).
+    adapter: nn.Module = (nn.Identity() if model.embedding_dim == targets.shape[1]
+                          else nn.Linear(model.embedding_dim, targets.shape[1], bias=False)).to(device)
+    classifier = nn.Linear(model.embedding_dim, len(faces.identities)).to(device)
+    params = [*model.parameters(), *adapter.parameters(), *(classifier.parameters() if cfg.ce_weight > 0 else [])]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(faces) // cfg.batch_size
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ckpt = Checkpointer(cfg.out)
+    start = ckpt.restore(generator, model=model, adapter=adapter, classifier=classifier, optimizer=optimizer,
+                         scheduler=scheduler)
+    history: list[dict[str, float]] = []
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        seen, loss_sum = 0, 0.0
+        bar = progress(minibatches(len(faces), cfg.batch_size, generator, drop_last=True),
+                       total=steps_per_epoch, desc=f"distil epoch {epoch + 1}/{cfg.epochs}")
+        for idx in bar:
+            x = augment(faces.floats(idx), generator).to(device).contiguous(memory_format=torch.channels_last)
+            embedding = model(x)
+            loss = cosine_loss(adapter(embedding), targets[idx].to(device))
+            if cfg.ce_weight > 0:
+                loss = loss + cfg.ce_weight * F.cross_entropy(classifier(embedding * 16.0), faces.labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        ckpt.save(epoch, generator, model=model, adapter=adapter, classifier=classifier, optimizer=optimizer,
+                  scheduler=scheduler)
+        entry = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
+        if cfg.monitor is not None:
+            entry["monitor_accuracy"] = pairs_report(model, *cfg.monitor, device)["accuracy"]
+        history.append(entry)
+        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, json.dumps(entry))
+    model.eval()
+    reports = {str(p): pairs_report(model, p, root, device) for p, root in cfg.report}
+    for name, r in reports.items():
+        log.info("%s: %s", name, json.dumps(r))
+    extra = {"teacher": teacher_name, "data": ",".join(str(d) for d in cfg.data), "epochs": str(cfg.epochs),
+             "seed": str(cfg.seed), "faces": str(len(faces)), "training": json.dumps(asdict(cfg), default=str),
+             "reports": json.dumps(reports)}
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    model.cpu().save(cfg.out, extra)
+    return model, reports
