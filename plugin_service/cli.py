@@ -84,7 +84,7 @@ def _cmd_train_shadow(args: argparse.Namespace) -> int:
     from plugin_service.training.shadow import ShadowTraining, train_shadow
 
     content_hash = train_shadow(ShadowTraining(
-        data=args.data, extractor=args.extractor, out=args.out, spec=ShadowSpec(args.arch, args.width, args.depth),
+        data=tuple(args.data), extractor=args.extractor, with_recognizer=args.with_recognizer, out=args.out, spec=ShadowSpec(args.arch, args.width, args.depth),
         half=args.half, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, split=args.split, command=shlex.join(["advface", *args.argv])))
     print(f"wrote bundle {args.out} (version {content_hash[:12]})")
@@ -95,7 +95,9 @@ def _add_train_shadow(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-shadow", help="train a shadow model S and write a model bundle",
                        description="Train S with L1 loss |x - S(E(x))| (Adam) on a face folder and write a bundle "
                        "(E + S as safetensors, manifest, content hash). Resumes from OUT.ckpt if present.")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder (public faces)")
+    p.add_argument("--data", type=Path, required=True, nargs="+", help="LFW-layout face folder(s) (public faces)")
+    p.add_argument("--with-recognizer", action="store_true",
+                   help="also put R from --extractor (a recogniser .safetensors) into the bundle, for resynth")
     p.add_argument("--extractor", type=Path, required=True,
                    help="weights for E: a recogniser .safetensors made by train-recognizer, or a FaceNet state dict "
                    "(e.g. 20180402-114759-vggface2.pt, read with weights_only=True)")
@@ -129,7 +131,7 @@ def _add_bundle_add_recognizer(sub: argparse._SubParsersAction) -> None:
                        "accepts (4x the largest E gave on --data). The recogniser's E must be the bundle's E.")
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory to extend")
     p.add_argument("--recognizer", type=Path, required=True, help="recogniser .safetensors whose E is the bundle's")
-    p.add_argument("--data", type=Path, required=True, help="public faces (LFW layout) for the start feature")
+    p.add_argument("--data", type=Path, required=True, nargs="+", help="public faces (LFW layout) for the start feature")
     p.add_argument("--out", type=Path, help="write here instead of rewriting --bundle")
     p.add_argument("--limit-per-identity", type=int, help="at most this many faces per identity")
     p.add_argument("--device", default="auto")
@@ -240,37 +242,32 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_shadow_check(args: argparse.Namespace) -> int:
-    from plugin_service.evaluation.shadow_check import shadow_check
-    from plugin_service.training.recognizer import verification_accuracy
+    from plugin_service.bundle import default_recognizer_path
+    from plugin_service.evaluation.shadow_check import format_table, shadow_check
+    from plugin_service.models.recognizer import load_recognizer
+    from plugin_service.runtime import pick_device
 
-    r = shadow_check(args.data, args.bundle, args.limit, args.batch_size, args.device)
-    print(f"shadow model on {r.faces} faces of {args.data}:")
-    print(f"  {'features':22s} {'SSIM':>6s} {'PSNR dB':>8s}")
-    print(f"  {'unprotected (z)':22s} {r.clean_ssim:6.3f} {r.clean_psnr:8.2f}")
-    print(f"  {'adversarial (AdvFace)':22s} {r.protected_ssim:6.3f} {r.protected_psnr:8.2f}")
-    print(f"  mean shadow-loss gain (after/before): {r.loss_gain:.3f}")
-    if args.pairs:
-        from plugin_service.bundle import default_recognizer_path
-        from plugin_service.models.recognizer import load_recognizer
-        from plugin_service.runtime import pick_device
-
-        recognizer = load_recognizer(args.recognizer or default_recognizer_path())
-        acc = verification_accuracy(recognizer, args.pairs, args.data, pick_device(args.device))
-        print(f"recogniser verification accuracy on {args.pairs} (10-fold, clean): {acc:.4f}")
+    recognizer = load_recognizer(args.recognizer or default_recognizer_path()).to(pick_device(args.device)).eval()
+    rows = [shadow_check(args.data, args.pairs, bundle, recognizer, args.pairs_per_fold, args.batch_size, args.device)
+            for bundle in (args.bundle or [None])]
+    print(f"{rows[0].faces} faces of {args.pairs}; accuracy = 10-fold verification, the stored side as given, "
+          "the probe clean; s/face = AdvFace at the bundle's settings on this machine")
+    print(format_table(rows))
     return 0
 
 
 def _add_shadow_check(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("shadow-check", help="shadow model's reconstruction from clean vs adversarial features",
-                       description="Protect faces with the bundle's engine at its default settings and print the "
-                       "shadow model's reconstruction SSIM/PSNR from unprotected and from adversarial features, "
-                       "and (with --pairs) the recogniser's clean verification accuracy. Trains nothing.")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder")
-    p.add_argument("--pairs", type=Path, help="LFW pairs.txt over --data for the verification accuracy")
-    p.add_argument("--bundle", type=Path, help="bundle (default: the embedded one)")
-    p.add_argument("--recognizer", type=Path, help="recogniser (default: the embedded one)")
-    p.add_argument("--limit", type=int, default=256, help="faces to protect, drawn at random (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p = sub.add_parser("shadow-check", help="what each bundle's shadow model costs and buys (one row per bundle)",
+                       description="Protect the faces a pairs file names with each bundle's AdvFace engine and print, "
+                       "per bundle: the shadow's size, CPU seconds per face, verification accuracy with clean, "
+                       "E(S(z)) (eps 0: the shadow's round trip alone) and AdvFace features stored, and the shadow's "
+                       "reconstruction SSIM from clean and from AdvFace features. Trains nothing.")
+    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder the pairs refer to")
+    p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs.txt over --data")
+    p.add_argument("--bundle", type=Path, nargs="*", help="bundles to compare (default: the embedded one)")
+    p.add_argument("--recognizer", type=Path, help="recogniser whose E the bundles share (default: the embedded one)")
+    p.add_argument("--pairs-per-fold", type=int, help="only this many matched and mismatched pairs per fold")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_shadow_check)
 

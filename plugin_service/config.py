@@ -31,6 +31,13 @@ class ServerSettings:
     memory_budget_mb: int = _opt(2048, "bytes of batches being reassembled or answered at once, in MiB")
     max_message_mb: int = _opt(8, "largest single gRPC message accepted, in MiB (clients chunk below it)")
     chunk_kb: int = _opt(1024, "size of response chunks, in KiB")
+    chunk_timeout_s: float = _opt(30.0, "a chunked batch whose next chunk does not arrive within this many seconds is "
+                                  "answered DEADLINE_EXCEEDED and its memory freed; the stream goes on")
+    max_streams: int = _opt(256, "ProtectStream calls open at once; more are refused with RESOURCE_EXHAUSTED (retryable)")
+    max_reassembling: int = _opt(64, "chunked batches being reassembled at once, over all streams; more are answered "
+                                 "RESOURCE_EXHAUSTED (retryable)")
+    max_feature_value: float = _opt(1e4, "largest accepted |feature value| when the bundle records no feature_bound "
+                                    "(with one, values must lie in [0, feature_bound])")
     protectors: str = _opt("advface", "comma-separated protectors clients may ask for (advface, random, dp)")
     max_steps: int = _opt(100, "largest PGD step count a client may ask for")
     min_eps: float = _opt(0.05, "smallest eps a client may ask for (smaller weakens the protection)")
@@ -54,9 +61,14 @@ class ServerSettings:
             raise ValueError(f"--protectors: unknown or unsafe protector(s) {unknown}; allowed: advface, random, dp")
         if not 0 < self.min_eps <= self.max_eps:
             raise ValueError(f"need 0 < --min-eps <= --max-eps, got {self.min_eps} and {self.max_eps}")
-        for name in ("max_batch", "queue_size", "workers", "memory_budget_mb", "max_message_mb", "chunk_kb", "max_steps"):
+        for name in ("max_batch", "queue_size", "workers", "memory_budget_mb", "max_message_mb", "chunk_kb", "max_steps",
+                     "max_streams", "max_reassembling"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.chunk_timeout_s > 0:
+            raise ValueError(f"--chunk-timeout-s must be > 0, got {self.chunk_timeout_s}")
+        if not 0 < self.max_feature_value < float("inf"):
+            raise ValueError(f"--max-feature-value must be a positive number, got {self.max_feature_value}")
         if self.chunk_kb * 1024 >= self.max_message_mb * 1024 * 1024:
             raise ValueError("--chunk-kb must be below --max-message-mb")
         return self

@@ -88,10 +88,11 @@ class FaceSet:
 
     def subset(self, identities: Sequence[str]) -> FaceSet:
         keep = set(identities)
-        idx = [i for i, p in enumerate(self.paths) if p.parent.name in keep]
+        own = [self.identities[label] for label in self.labels.tolist()]
+        idx = [i for i, name in enumerate(own) if name in keep]
         names = [n for n in self.identities if n in keep]
         remap = {n: i for i, n in enumerate(names)}
-        labels = torch.tensor([remap[self.paths[i].parent.name] for i in idx], dtype=torch.long)
+        labels = torch.tensor([remap[own[i]] for i in idx], dtype=torch.long)
         return FaceSet(self.images[idx], labels, names, [self.paths[i] for i in idx])
 
 
@@ -112,6 +113,26 @@ def load_face_folder(root: Path, limit_per_identity: int | None = None) -> FaceS
             labels.append(label)
             paths.append(path)
     return FaceSet(torch.stack(images), torch.tensor(labels), identities, paths)
+
+
+def load_face_folders(roots: Path | Sequence[Path], limit_per_identity: int | None = None) -> FaceSet:
+    """Several LFW-layout folders as one set; identities are named ``<folder>/<name>`` so none merge."""
+    if isinstance(roots, (str, Path)):
+        roots = [Path(roots)]
+    if len(roots) == 1:
+        return load_face_folder(roots[0], limit_per_identity)
+    sets = [load_face_folder(r, limit_per_identity) for r in roots]
+    labels, names, offset = [], [], 0
+    for root, s in zip(roots, sets):
+        labels.append(s.labels + offset)
+        names += [f"{Path(root).name}/{n}" for n in s.identities]
+        offset += len(s.identities)
+    return FaceSet(torch.cat([s.images for s in sets]), torch.cat(labels), names, [p for s in sets for p in s.paths])
+
+
+def identity_of(path: Path, roots: Sequence[Path]) -> str:
+    """The identity name :func:`load_face_folders` gives the face at ``path``."""
+    return path.parent.name if len(roots) == 1 else f"{path.parent.parent.name}/{path.parent.name}"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from plugin_service.models.shadow import ShadowSpec, build_shadow  # noqa: E402
 from plugin_service.server.app import RunningServer, drain_and_stop, start_server  # noqa: E402
 from plugin_service.server.metrics import ServiceMetrics  # noqa: E402
 
+
 def edited_request(batch_id: str, z, options=None, **fields: object):  # noqa: ANN001, ANN201
     """A one-message ProtectRequest for ``z`` with some fields overwritten, to build malformed batches."""
     from plugin_service.server.codec import Options, encode_request

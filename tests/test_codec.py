@@ -5,37 +5,40 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
 from advface.v1 import plugin_pb2 as pb
+
 from plugin_service.server.codec import (
     BatchError,
     BatchLimits,
     FaceStat,
     Options,
-    Reassembler,
     Result,
     decode_response_chunks,
     encode_request,
     encode_result,
 )
+from plugin_service.server.reassembly import Failed, StreamAssembler
 from tests.conftest import edited_request
 
 LIMITS = BatchLimits((2, 3, 3), max_batch=8)
 
 
-def _feed(messages: list[pb.ProtectRequest]) -> list:
-    r = Reassembler(LIMITS)
+def _feed(messages: list[pb.ProtectRequest], limits: BatchLimits = LIMITS) -> list:
+    """Every answer the messages settle, in order: a BatchError or a checked Batch."""
+    r = StreamAssembler(limits)
     out = []
     for m in messages:
-        if (e := r.interrupted_by(m)) is not None:
-            out.append(e)
-        if r.is_leftover(m):
-            continue
-        try:
-            if (b := r.add(m)) is not None:
-                out.append(b)
-        except BatchError as e:
-            out.append(e)
+        for outcome in r.feed(m):
+            if isinstance(outcome, Failed):
+                out.append(outcome.error)
+            else:
+                try:
+                    out.append(outcome.check(limits))
+                except BatchError as e:
+                    out.append(e)
+    if (last := r.finish()) is not None:
+        out.append(last.error)
+    assert r.held_bytes == 0 and r.pending is None
     return out
 
 
@@ -72,7 +75,8 @@ GOOD = np.ones((2, 2, 3, 3), np.float32)
     (_one(GOOD, raw_data=GOOD.tobytes()[:-4]), grpc.StatusCode.INVALID_ARGUMENT, "needs 144"),
     (_one(GOOD, raw_data=GOOD.tobytes() + b"1234"), grpc.StatusCode.INVALID_ARGUMENT, "longer than"),
     (_one(np.full((2, 2, 3, 3), np.inf, np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "36 NaN or Inf"),
-    (_one(np.ones((9, 2, 3, 3), np.float32)), grpc.StatusCode.RESOURCE_EXHAUSTED, "accepts 1 to 8"),
+    # permanent: more faces than the policy allows is INVALID_ARGUMENT, never a retryable RESOURCE_EXHAUSTED
+    (_one(np.ones((9, 2, 3, 3), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "accepts 1 to 8"),
     (_one(GOOD, bid=""), grpc.StatusCode.INVALID_ARGUMENT, "batch_id"),
     (_one(GOOD, chunk_index=1, chunk_count=2), grpc.StatusCode.INVALID_ARGUMENT, "chunk sequence broken"),
 ])
@@ -91,7 +95,7 @@ def test_broken_sequence_fails_one_batch_and_the_next_succeeds() -> None:
     out = _feed(a[:2] + a[3:] + b[:2] + c)
     assert [type(o).__name__ for o in out] == ["BatchError", "BatchError", "Batch"]
     assert out[0].batch_id == "a" and "expected chunk 2" in out[0].detail
-    assert out[1].batch_id == "b" and "'c' started" in out[1].detail
+    assert out[1].batch_id == "b" and "batch 'c' came after chunk 1" in out[1].detail
     np.testing.assert_array_equal(out[2].features, x)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
+from plugin_service.config import ServerSettings, env_name
 from tests.test_deploy_support import (
     DASHBOARD,
     DEPLOY,
@@ -36,8 +38,6 @@ from tests.test_deploy_support import (
     require_tool,
     unknown_metrics,
 )
-
-from plugin_service.config import ServerSettings, env_name
 
 SETTINGS_ENV = {env_name(f.name) for f in fields(ServerSettings)}
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from plugin_service.bundle import sample_faces_path
+from plugin_service.faces import load_face_folders
 from plugin_service.judge import JudgeNotInstalled, dlib_resnet
 from plugin_service.models.recognizer import RecognizerSpec, embed_images, load_recognizer
-from plugin_service.training.distill import DistillTraining, build_teacher, distill_recognizer, load_training_faces
+from plugin_service.training.distill import DistillTraining, build_teacher, distill_recognizer
 
 PROJECTION = torch.randn(3 * 20 * 20, 16, generator=torch.Generator().manual_seed(0))
 
@@ -22,30 +23,32 @@ def teacher(faces: torch.Tensor) -> torch.Tensor:
 
 
 def _distance(model: torch.nn.Module, faces: torch.Tensor) -> float:
+    """Mean 1 - cos to the centred teacher embeddings, the distillation target."""
     student = embed_images(model.eval(), faces, torch.device("cpu"))
-    return float((1 - torch.nn.functional.cosine_similarity(student, teacher(faces), dim=1)).mean())
+    target = teacher(faces)
+    target = target - target.mean(dim=0, keepdim=True)
+    return float((1 - torch.nn.functional.cosine_similarity(student, target, dim=1)).mean())
 
 
 def test_distillation_lowers_student_teacher_distance_and_resumes(tmp_path: Path) -> None:
     cfg = DistillTraining(data=(sample_faces_path(),), out=tmp_path / "s.safetensors",
-                          spec=RecognizerSpec(width=8, embedding_dim=16), epochs=4, batch_size=8, lr=3e-3,
-                          warmup_steps=2, cache_dir=tmp_path / "cache", device="cpu")
-    faces = load_training_faces(cfg.data, None).images
+                          spec=RecognizerSpec(width=8, embedding_dim=16), epochs=6, batch_size=8, lr=1e-2,
+                          warmup_steps=1, cache_dir=tmp_path / "cache", device="cpu")
+    faces = load_face_folders(cfg.data).images
     torch.manual_seed(0)
     from plugin_service.models.recognizer import Recognizer
 
     before = _distance(Recognizer(cfg.spec), faces)
     model, _ = distill_recognizer(cfg, teacher=teacher, teacher_name="fake")
     after = _distance(model, faces)
-    assert after < before - 0.1, (before, after)
-    assert not Path(str(cfg.out) + ".ckpt").exists() or True
-    saved = load_recognizer(cfg.out)
+    assert after < before - 0.15, (before, after)
+    saved = load_recognizer(cfg.out).eval()
     assert torch.allclose(embed_images(saved, faces[:4], torch.device("cpu")),
                           embed_images(model, faces[:4], torch.device("cpu")), atol=1e-5)
     # a rerun with more epochs resumes from the checkpoint instead of starting over
-    longer = DistillTraining(**{**cfg.__dict__, "epochs": 5})
+    longer = DistillTraining(**{**cfg.__dict__, "epochs": 7})
     resumed, _ = distill_recognizer(longer, teacher=teacher, teacher_name="fake")
-    assert _distance(resumed, faces) < before - 0.1
+    assert _distance(resumed, faces) < before - 0.15
 
 
 def test_unknown_or_missing_teacher_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

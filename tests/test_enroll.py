@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from advface_client.cli import main as client_main
+
 from plugin_service.bundle import load_bundle, sample_faces_path
 from plugin_service.faces import list_images
 from tests.conftest import LiveServer

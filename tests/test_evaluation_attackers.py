@@ -148,7 +148,7 @@ def test_attackers_train_on_the_attacker_half_and_are_cached(world: dict, tmp_pa
     assert first.train_faces == len(attack.attacker) - len(range(0, len(attack.attacker), 20))
     recipe = attacker_recipe(cfg, bundle, "transrec")
     assert first.cache_key == recipe_key("attacker", recipe, bundle, attack.attacker,
-                                         fingerprint(attack.attacker, attack.root))
+                                         fingerprint(attack.attacker))
     again = train_attackers(cfg, bundle, attack, ModelCache(tmp_path), torch.device("cpu"))["transrec"]
     assert again.from_cache and again.cache_key == first.cache_key
     z = torch.rand(2, 64, 77, 77)

@@ -79,7 +79,7 @@ def test_evaluate_arguments_overlay_the_quick_defaults() -> None:
     assert cfg.adaptive_attacker is None and cfg.transfer_shadows == ()
     full = EvaluationConfig.create(data=Path("d"), pairs=Path("p"), attack_data=Path("a"), out=Path("o"))
     assert full.pgd_steps is None and full.attacker_epochs == 10 and full.adaptive_attacker == "urec"
-    assert full.eps == (0.0, 0.05, 0.1, 0.2, 0.3) and full.protectors == ("none", "random", "dp", "advface")
+    assert full.eps == (0.0, 0.05, 0.1, 0.2, 0.3) and full.protectors == ()  # (): all the bundle supports
 
 
 def test_evaluate_rejects_unknown_names() -> None:

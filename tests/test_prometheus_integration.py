@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from advface_client.client import GuardClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from advface_client.client import GuardClient
 from tests.conftest import LiveServer, free_port
 from tests.test_deploy_support import (
     DASHBOARD,

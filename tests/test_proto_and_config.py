@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from plugin_service.cli import build_parser
-from plugin_service.config import ServerSettings, add_settings_arguments, settings_from_args
+from plugin_service.config import (
+    ServerSettings,
+    add_settings_arguments,
+    settings_from_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from advface_client.client import GuardClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from advface_client.client import GuardClient
 from plugin_service.server.codec import BatchError
 from tests.conftest import free_port
 from tests.test_deploy_support import ROOT, require_tool
 
 FEATURE_SHAPE = (64, 77, 77)
 STREAMS, BATCHES_PER_STREAM, FACES = 4, 6, 2
+PACED = 3  # batches each stream has answered before the kill; the rest are sent after it
 DRAIN_SECONDS = 10
 
 
@@ -135,28 +136,84 @@ class Run:
     served_by_b_before: float
 
 
+def _connect_both(client: GuardClient, a: Replica, b: Replica) -> None:
+    """round_robin only picks connected replicas: on this very channel, both must have answered a call."""
+    _wait_until(lambda: client.info() and a.info_calls() >= 1 and b.info_calls() >= 1, 30,
+                "GetModelInfo calls answered by both replicas")
+
+
+def _stopped_serving(replica: Replica, sig: signal.Signals) -> None:
+    """Returns once ``replica`` can no longer take a batch: dead (SIGKILL), or draining (SIGTERM: its health
+    Watch reports NOT_SERVING, which the server sets right after it starts refusing batches)."""
+    if sig == signal.SIGKILL:
+        replica.proc.wait(timeout=30)
+        return
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(replica.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        first = next(watch)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        replica.proc.send_signal(sig)
+        try:
+            for update in watch:
+                if update.status != health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            return  # the server closed the watch as it stopped: it was draining
+
+
 def _stream_and_kill(target: str, a: Replica, b: Replica, sig: signal.Signals) -> Run:
-    """STREAMS concurrent streams through ``target``; ``a`` gets ``sig`` once both replicas answered batches."""
+    """STREAMS concurrent streams through ``target``; ``a`` gets ``sig`` at a known point of the run.
+
+    The run is paced, not timed: every stream sends PACED batches, and only once all of them are
+    answered (a known number, spread over both replicas) is ``a`` killed; the streams' remaining
+    batches are released only after ``a`` can no longer serve, so the run cannot end first and the
+    streams on ``a`` must resend to ``b``.
+    """
     inputs = {k: _batches(k) for k in range(STREAMS)}
     results: dict[int, list] = {}
     errors: list[BaseException] = []
+    paced_answered = threading.Semaphore(0)
+    killed = threading.Event()
+
+    def paced(k: int) -> Iterator[tuple[str, np.ndarray]]:
+        for i, item in enumerate(inputs[k]):
+            if i == PACED:
+                assert killed.wait(180), "the kill never came"
+            yield item
+
     with GuardClient(target, max_retries=8, backoff_seconds=0.2) as client:
+        _connect_both(client, a, b)
+
         def run(k: int) -> None:
             try:
-                results[k] = list(client.protect_stream(iter(inputs[k]), window=2))
+                got = []
+                for result in client.protect_stream(paced(k), window=2):
+                    got.append(result)
+                    if len(got) == PACED:
+                        paced_answered.release()
+                results[k] = got
             except BaseException as e:  # noqa: BLE001 - reported by the main thread
                 errors.append(e)
+                paced_answered.release()
 
         threads = [threading.Thread(target=run, args=(k,), name=f"stream-{k}") for k in range(STREAMS)]
         for t in threads:
             t.start()
-        _wait_until(lambda: a.ok_batches() >= 2 and b.ok_batches() >= 1 or not any(t.is_alive() for t in threads),
-                    60, "both replicas to serve batches")
+        for _ in range(STREAMS):
+            assert paced_answered.acquire(timeout=180), "the paced batches were not answered"
+        assert errors == [], errors
+        # the replicas count a batch once its answer is written, a moment after the client has it
+        _wait_until(lambda: a.ok_batches() + b.ok_batches() == STREAMS * PACED, 30, "the answered batches' counts")
         served_by_a_before, served_by_b_before = a.ok_batches(), b.ok_batches()
-        assert any(t.is_alive() for t in threads), "the run ended before the kill; make it longer"
-        a.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            a.proc.send_signal(sig)
+        _stopped_serving(a, sig)
+        killed.set()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=180)
         assert not any(t.is_alive() for t in threads), "a stream hung after the kill"
     assert errors == [], errors
     assert served_by_a_before >= 2 and served_by_b_before >= 1  # the streams were spread over both replicas
@@ -185,11 +242,6 @@ def test_two_replicas_one_killed_mid_run_loses_no_batch(replicas: tuple[Replica,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     a, b = replicas
     caplog.set_level(logging.WARNING, logger="advface_client.client")
-    with GuardClient(f"{a.address},{b.address}") as client:
-        client.wait_until_serving(timeout=30)
-        # round_robin only picks connected replicas: let it connect to both before the streams start
-        _wait_until(lambda: client.info() and a.info_calls() >= 1 and b.info_calls() >= 1, 15,
-                    "GetModelInfo calls answered by both replicas")
     run = _stream_and_kill(f"{a.address},{b.address}", a, b, sig)
     _check_answers(run)
     _check_retried(caplog)

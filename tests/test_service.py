@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
-
 from advface.v1 import plugin_pb2 as pb
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from advface_client import BatchError, GuardClient, Options
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
 from plugin_service.bundle import load_bundle
 from plugin_service.models.shadow import batch_statistics
 from plugin_service.server.codec import decode_response_chunks, encode_request

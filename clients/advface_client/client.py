@@ -4,6 +4,10 @@ The stream keeps at most ``window`` batches unanswered, so memory stays bounded 
 the input is. When the connection breaks (UNAVAILABLE), or a replica answers a batch with
 UNAVAILABLE because it is draining, the client opens a new stream, after a backoff, and resends
 every batch not yet answered, in order; each batch is yielded exactly once.
+
+Only temporary errors are retried: UNAVAILABLE, and RESOURCE_EXHAUSTED when the server attached a
+``google.rpc.RetryInfo`` (queue or memory full, too many streams). Everything else, including a
+batch larger than the server allows, is permanent and raised (or yielded) at once.
 """
 
 from __future__ import annotations
@@ -23,19 +27,37 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from advface.v1 import plugin_pb2 as pb
 from advface.v1 import plugin_pb2_grpc as pb_grpc
+from grpc_status import rpc_status
+
 from plugin_service.server.codec import (
     DEFAULT_CHUNK_BYTES,
+    UNARY_MAX_BYTES,
     BatchError,
     Options,
     Result,
+    check_batch_id,
     decode_response_chunks,
     encode_request,
+    response_id,
+    retry_delay,
+    strip_prefix,
 )
 
 log = logging.getLogger(__name__)
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-# Batches up to this size go in one unary call: gRPC's default 4 MiB message limit, less headroom.
-UNARY_MAX_BYTES = 4 * 2**20 - 64 * 2**10
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)  # always temporary; RESOURCE_EXHAUSTED only with RetryInfo
+
+
+def _temporary(code: grpc.StatusCode, retry_after: float | None) -> bool:
+    return code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after is not None)
+
+
+def _call_retry_after(error: grpc.RpcError) -> float | None:
+    """The RetryInfo delay a failed call carries, if any."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    return retry_delay(status) if status is not None else None
 
 
 @dataclass(frozen=True)
@@ -56,13 +78,27 @@ class TLSConfig:
 class _Abandon(Exception):
     """Internal: the current stream must be restarted from the first unanswered batch."""
 
+    def __init__(self, error: BatchError | None = None) -> None:
+        super().__init__(str(error) if error else "stream ended with batches unanswered")
+        self.error = error
+        self.code = error.code if error else grpc.StatusCode.UNAVAILABLE
+        self.retry_after = error.retry_after if error else None
+
 
 class _Pending:
-    """The batches taken from the caller's iterator and not yet answered, shared across attempts."""
+    """The batches taken from the caller's iterator and not yet answered, shared across attempts.
+
+    Batches are numbered in the order they were taken (``seq``); an attempt sends by number, so a
+    batch that an abandoned attempt took from the source after the new attempt started is still
+    sent by the new one. A slow source (reading images, running E) is advanced under its own
+    lock, so it never holds up the thread reading answers.
+    """
 
     def __init__(self, source: Iterator[tuple[str, np.ndarray]]) -> None:
         self.source, self.unanswered, self.exhausted = source, deque[tuple[str, np.ndarray]](), False
-        self.lock = threading.Lock()
+        self.answered_count = 0  # seq of unanswered[0]
+        self.lock = threading.Lock()  # guards the fields above; never held while the source computes
+        self.source_lock = threading.Lock()
 
     def finished(self) -> bool:
         with self.lock:
@@ -75,18 +111,28 @@ class _Pending:
     def answered(self) -> None:
         with self.lock:
             self.unanswered.popleft()
+            self.answered_count += 1
 
-    def take(self, stop: threading.Event) -> tuple[str, np.ndarray] | None:
-        """The next batch from the source, or None when it is exhausted or this attempt stopped."""
+    def get(self, seq: int) -> tuple[str, np.ndarray] | None:
+        """Batch number ``seq`` if it was taken and is unanswered."""
         with self.lock:
+            i = seq - self.answered_count
+            return self.unanswered[i] if 0 <= i < len(self.unanswered) else None
+
+    def take(self, seq: int, stop: threading.Event) -> tuple[str, np.ndarray] | None:
+        """Batch number ``seq``, from the source if not taken yet; None when exhausted or this attempt stopped."""
+        with self.source_lock:
+            if (item := self.get(seq)) is not None:
+                return item
             if stop.is_set() or self.exhausted:
                 return None
             item = next(self.source, None)
-            if item is None:
-                self.exhausted = True
-                return None
-            self.unanswered.append(item)
-            return item
+            with self.lock:
+                if item is None:
+                    self.exhausted = True
+                    return None
+                self.unanswered.append(item)
+                return item
 
 
 class _Attempt:
@@ -95,20 +141,21 @@ class _Attempt:
     def __init__(self, pending: _Pending, window: int) -> None:
         self.pending = pending
         with pending.lock:
-            self.resend = list(pending.unanswered)
-        self.credit = threading.Semaphore(max(window - len(self.resend), 0))
+            self.next_seq, backlog = pending.answered_count, len(pending.unanswered)
+        self.credit = threading.Semaphore(max(window - backlog, 0))
         self.stop = threading.Event()
 
     def requests(self, options: Options, chunk_bytes: int) -> Iterator[pb.ProtectRequest]:
-        for bid, arr in self.resend:
-            yield from encode_request(bid, arr, options, chunk_bytes)
-        while True:
-            while not self.credit.acquire(timeout=0.1):
-                if self.stop.is_set():
-                    return
-            item = self.pending.take(self.stop)
+        while not self.stop.is_set():
+            item = self.pending.get(self.next_seq)  # unanswered by an earlier attempt: resend
             if item is None:
-                return
+                while not self.credit.acquire(timeout=0.1):
+                    if self.stop.is_set():
+                        return
+                item = self.pending.take(self.next_seq, self.stop)
+                if item is None:
+                    return
+            self.next_seq += 1
             yield from encode_request(item[0], item[1], options, chunk_bytes)
 
 
@@ -168,12 +215,13 @@ class GuardClient:
     def protect(self, features: np.ndarray, batch_id: str | None = None, options: Options = Options()) -> Result:
         """Protects one batch; raises :class:`BatchError` if the server rejects it."""
         batch_id = batch_id or f"batch-{next(self._ids)}"
+        check_batch_id(batch_id)
         if features.nbytes <= UNARY_MAX_BYTES:
             (request,) = encode_request(batch_id, features, options, UNARY_MAX_BYTES)
             try:
                 response = self._with_retries(lambda: self.stub.Protect(request, timeout=self.timeout, wait_for_ready=True))
             except grpc.RpcError as e:
-                raise BatchError(batch_id, e.code(), e.details() or "") from e
+                raise BatchError(batch_id, e.code(), strip_prefix(batch_id, e.details() or "")) from e
             result = decode_response_chunks([response])
         else:
             (result,) = self.protect_stream([(batch_id, features)], options)
@@ -186,12 +234,13 @@ class GuardClient:
             try:
                 return call()
             except grpc.RpcError as e:
-                if e.code() not in (*RETRYABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) or attempt >= self.max_retries:
+                retry_after = _call_retry_after(e)
+                if not _temporary(e.code(), retry_after) or attempt >= self.max_retries:
                     raise
-                self._sleep(attempt, e.code())
+                self._sleep(attempt, e.code(), retry_after)
 
-    def _sleep(self, attempt: int, why: grpc.StatusCode) -> None:
-        delay = min(self.backoff * 2**attempt, 30.0)
+    def _sleep(self, attempt: int, why: grpc.StatusCode, retry_after: float | None = None) -> None:
+        delay = max(min(self.backoff * 2**attempt, 30.0), min(retry_after or 0.0, 30.0))
         log.warning("%s from %s; retrying in %.1fs (attempt %d of %d)", why.name, self.target, delay,
                     attempt + 1, self.max_retries)
         time.sleep(delay)
@@ -212,23 +261,31 @@ class GuardClient:
             try:
                 for result in self._results(call):
                     expected = pending.first_id()
-                    if result.batch_id != expected:
+                    if result.batch_id != response_id(expected):  # invalid (over-long) ids come back bounded
                         raise RuntimeError(f"server answered batch {result.batch_id!r} while {expected!r} was due")
-                    if result.error is not None and result.error.code in RETRYABLE:
-                        raise _Abandon(result.error.detail)
+                    result.batch_id = expected
+                    if result.error is not None:
+                        result.error.batch_id = expected
+                    if result.error is not None and _temporary(result.error.code, result.error.retry_after):
+                        raise _Abandon(result.error)
                     pending.answered()
                     attempt.credit.release()
                     failures = 0
                     yield result
                 if not pending.finished():
-                    raise _Abandon("stream ended with batches unanswered")
+                    raise _Abandon()
             except (grpc.RpcError, _Abandon) as e:
-                code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
-                if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (e.details() or ""):
-                    code = grpc.StatusCode.UNAVAILABLE  # a proxy reset the stream: its replica died
-                if code not in RETRYABLE or failures >= self.max_retries:
+                if isinstance(e, grpc.RpcError):
+                    code, retry_after = e.code(), _call_retry_after(e)
+                    if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (e.details() or ""):
+                        code = grpc.StatusCode.UNAVAILABLE  # a proxy reset the stream: its replica died
+                else:
+                    code, retry_after = e.code, e.retry_after
+                if not _temporary(code, retry_after) or failures >= self.max_retries:
+                    if isinstance(e, _Abandon) and e.error is not None:
+                        raise e.error from None
                     raise
-                self._sleep(failures, code)
+                self._sleep(failures, code, retry_after)
                 failures += 1
             finally:
                 attempt.stop.set()

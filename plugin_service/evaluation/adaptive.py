@@ -57,7 +57,7 @@ def train_adaptive_attacker(cfg: EvaluationConfig, bundle: Bundle, attack: Attac
     """(the attacker's own shadow, the adaptive attacker), both trained on the attacker half only."""
     assert cfg.adaptive_attacker is not None
     faces = attack.attacker
-    fp = fingerprint(faces, attack.root)
+    fp = fingerprint(faces)
     arch = bundle.manifest.shadow.arch
     own_shadow = train_on_features(arch, "adaptive-shadow", shadow_recipe(cfg, bundle, arch, "adaptive-shadow"),
                                    faces, fp, bundle, cache, device)

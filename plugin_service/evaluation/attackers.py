@@ -155,7 +155,7 @@ def train_on_features(label: str, role: str, recipe: Recipe, faces: FaceSet, roo
 def train_attackers(cfg: EvaluationConfig, bundle: Bundle, attack: AttackData, cache: ModelCache,
                     device: torch.device) -> dict[str, TrainedNet]:
     """One attacker per ``cfg.attackers`` architecture, on the attacker half (paper setting)."""
-    fp = fingerprint(attack.attacker, attack.root)
+    fp = fingerprint(attack.attacker)
     return {arch: train_on_features(arch, "attacker", attacker_recipe(cfg, bundle, arch), attack.attacker, fp,
                                     bundle, cache, device)
             for arch in cfg.attackers}
@@ -168,7 +168,7 @@ def train_transfer_shadows(cfg: EvaluationConfig, bundle: Bundle, attack: Attack
     The bundle's shadow is the deployed defence, so its row reuses it (and the main table's
     numbers) instead of a retrained copy.
     """
-    fp = fingerprint(attack.defender, attack.root)
+    fp = fingerprint(attack.defender)
     out: dict[str, TrainedNet | None] = {}
     for arch in cfg.transfer_shadows:
         if arch == bundle.manifest.shadow.arch:

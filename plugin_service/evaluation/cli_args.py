@@ -54,7 +54,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from plugin_service.judge import JudgeNotInstalled
 
     fields: dict[str, Any] = {
-        "data": args.data, "pairs": args.pairs, "attack_data": args.attack_data, "out": args.out,
+        "data": args.data, "pairs": args.pairs, "attack_data": tuple(args.attack_data), "out": args.out,
         "bundle": args.bundle, "recognizer": args.recognizer, "finetuned_recognizer": args.finetuned_recognizer,
         "protectors": args.protectors, "attackers": args.attackers, "transfer_shadows": args.transfer_shadows,
         "eps": args.eps, "dp_epsilons": args.dp_epsilons, "protector_eps": args.protector_eps,
@@ -111,11 +111,12 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="a head fine-tuned by `advface finetune-head`: its accuracy is reported next to the original's")
     g.add_argument("--data", type=Path, required=True, help="LFW-layout verification faces (name/name_NNNN.jpg)")
     g.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs.txt over --data")
-    g.add_argument("--attack-data", type=Path, required=True,
-                   help="LFW-layout public faces: attackers train on its attacker half, defender shadows on its defender half")
+    g.add_argument("--attack-data", type=Path, required=True, nargs="+",
+                   help="LFW-layout public face folder(s): attackers train on the attacker half of their identities, "
+                   "defender shadows on the defender half (the split train-shadow --half uses)")
     g.add_argument("--out", type=Path, required=True, help="report directory to write")
     g = p.add_argument_group("what to compare")
-    g.add_argument("--protectors", type=_names(PROTECTOR_NAMES), help="comma-separated (default: none,random,dp,advface; "
+    g.add_argument("--protectors", type=_names(PROTECTOR_NAMES), help="comma-separated (default: none,random,dp,advface, and resynth when the bundle carries R; "
                    "'none' is always included as the reference)")
     g.add_argument("--attackers", type=_names(ARCHS),
                    help="paper-setting attacker architectures (default: urec,resrec,transrec)")
@@ -171,17 +172,18 @@ def _cmd_finetune_head(args: argparse.Namespace) -> int:
     from plugin_service.bundle import BundleError, default_recognizer_path
     from plugin_service.evaluation.errors import EvaluationError
     from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
+    from plugin_service.judge import JudgeNotInstalled
     from plugin_service.protect.registry import ProtectorParams
 
     dp = {k: v for k, v in (("dp_epsilon", args.dp_epsilon), ("dp_bound", args.dp_bound)) if v is not None}
     params = ProtectorParams(steps=args.pgd_steps, alpha=args.pgd_alpha, eps=args.eps, **dp)
-    cfg = HeadFinetuning(recognizer=args.recognizer or default_recognizer_path(), data=args.data, out=args.out,
-                         bundle=args.bundle, protector=args.protector, params=params, epochs=args.epochs,
+    cfg = HeadFinetuning(recognizer=args.recognizer or default_recognizer_path(), data=tuple(args.data), out=args.out,
+                         bundle=args.bundle, protector=args.protector, target=args.target, params=params, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, clean_mix=not args.no_clean_mix, half=args.half,
                          limit_per_identity=args.limit_per_identity, seed=args.seed, device=args.device)
     try:
         result = finetune_head(cfg)
-    except (EvaluationError, BundleError, FileNotFoundError) as e:
+    except (EvaluationError, BundleError, FileNotFoundError, JudgeNotInstalled) as e:
         print(f"advface finetune-head: {e}", file=sys.stderr)
         return 2
     print(f"fine-tuned the head on {result.faces} faces of {result.identities} identities: last epoch loss "
@@ -193,15 +195,18 @@ def _cmd_finetune_head(args: argparse.Namespace) -> int:
 def add_finetune_head_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds `advface finetune-head` (offline mode) to ``sub``; its ``func`` returns an exit code."""
     p = sub.add_parser(
-        "finetune-head", help="offline mode: retrain the server-side head on protected features (E stays frozen)",
-        description="Fine-tune the recogniser's server-side head on protected features of --data (plus the clean "
-        "features of the same faces), with E frozen: cross-entropy over identities through a fresh linear "
-        "classifier. Writes a recogniser .safetensors usable with `advface evaluate --finetuned-recognizer`.")
+        "finetune-head", help="offline mode (XNN-d): retrain R on protected features (E stays frozen)",
+        description="Distil the server-side recogniser R on protected features of --data (plus the clean features "
+        "of the same faces), with E frozen: R(protected) learns the clean R's embedding of the clean face "
+        "(--target clean, XNN-d), the teacher's (--target teacher, dlib), or identities by cross-entropy "
+        "(--target identity). Writes a recogniser .safetensors for `advface evaluate --finetuned-recognizer`.")
     p.add_argument("--recognizer", type=Path, help="recogniser .safetensors to start from (default: the embedded one)")
     p.add_argument("--bundle", type=Path, help="bundle whose protector makes the features (default: the embedded one)")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout public faces with identity folders")
+    p.add_argument("--data", type=Path, required=True, nargs="+", help="LFW-layout public face folder(s); never the evaluation sets")
     p.add_argument("--out", type=Path, required=True, help="output recogniser (.safetensors)")
-    p.add_argument("--protector", choices=("advface", "random", "dp"), default="advface")
+    p.add_argument("--protector", choices=("advface", "resynth", "random", "dp"), default="advface")
+    p.add_argument("--target", choices=("clean", "teacher", "identity"), default="clean",
+                   help="what R(protected) learns: the clean R's embedding (XNN-d), dlib's, or identity CE (default: clean)")
     p.add_argument("--eps", type=float, help="PGD radius (default: the bundle's)")
     _add_protector_params(p)
     p.add_argument("--epochs", type=int, default=3)

@@ -58,13 +58,14 @@ class EvaluationConfig:
 
     data: Path
     pairs: Path
-    attack_data: Path
+    attack_data: tuple[Path, ...]  # one or more LFW-layout folders, split by identity into halves
     out: Path
     bundle: Path | None = None  # None: the default bundle embedded in the package
     recognizer: Path | None = None  # None: the default recogniser embedded in the package
     finetuned_recognizer: Path | None = None  # a head fine-tuned by `advface finetune-head`
 
-    protectors: tuple[str, ...] = ("none", "random", "dp", "advface", "resynth")
+    # Empty: every protector the bundle supports (resynth only when it carries R).
+    protectors: tuple[str, ...] = ()
     attackers: tuple[str, ...] = ("urec", "resrec", "transrec")
     adaptive_attacker: str | None = "urec"  # None (or "none" in create): no adaptive attacker
     transfer_shadows: tuple[str, ...] = SHADOW_ARCHITECTURES  # empty: no transferability matrix
@@ -122,6 +123,8 @@ class EvaluationConfig:
         if values.get("adaptive_attacker") == "none":
             values["adaptive_attacker"] = None
         values["quick"] = quick
+        if isinstance(values.get("attack_data"), (str, Path)):
+            values["attack_data"] = (Path(values["attack_data"]),)
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -165,5 +168,5 @@ class EvaluationConfig:
             if isinstance(body[f.name], Path):
                 body[f.name] = str(body[f.name])
             elif isinstance(body[f.name], tuple):
-                body[f.name] = list(body[f.name])
+                body[f.name] = [str(v) if isinstance(v, Path) else v for v in body[f.name]]
         return body

@@ -17,30 +17,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plugin_service.faces import FaceSet, load_face_folder, split_identities
+from plugin_service.faces import FaceSet, load_face_folders, split_identities
 
 
 @dataclass
 class AttackData:
     """``--attack-data`` split by identity: the defender's half and the attacker's half."""
 
-    root: Path
+    roots: tuple[Path, ...]
     defender: FaceSet
     attacker: FaceSet
 
 
-def load_attack_data(root: Path, limit_per_identity: int | None = None, max_identities: int | None = None) -> AttackData:
-    """Loads ``root`` and splits it into (defender, attacker) halves by identity.
+def load_attack_data(roots: Path | Sequence[Path], limit_per_identity: int | None = None,
+                     max_identities: int | None = None) -> AttackData:
+    """Loads the folder(s) and splits them into (defender, attacker) halves by identity.
 
     ``max_identities`` keeps the first identities in sorted order before splitting (for --quick);
     the split itself depends only on each name, so the halves are subsets of the full halves.
     """
-    faces = load_face_folder(root, limit_per_identity=limit_per_identity)
+    roots = (Path(roots),) if isinstance(roots, (str, Path)) else tuple(Path(r) for r in roots)
+    faces = load_face_folders(roots, limit_per_identity=limit_per_identity)
     names = faces.identities[:max_identities] if max_identities else faces.identities
     defender, attacker = split_identities(names)
     if not defender or not attacker:
-        raise ValueError(f"{root}: {len(names)} identities leave one half empty; the attack data needs more people")
-    return AttackData(Path(root), faces.subset(defender), faces.subset(attacker))
+        raise ValueError(f"{', '.join(map(str, roots))}: {len(names)} identities leave one half empty; "
+                         "the attack data needs more people")
+    return AttackData(roots, faces.subset(defender), faces.subset(attacker))
 
 
 def holdout(faces: FaceSet, every: int = 20) -> tuple[FaceSet, torch.Tensor]:
@@ -49,11 +52,11 @@ def holdout(faces: FaceSet, every: int = 20) -> tuple[FaceSet, torch.Tensor]:
     return faces.take((~mask).nonzero().flatten()), faces.images[mask]
 
 
-def fingerprint(faces: FaceSet, root: Path) -> str:
-    """A hash of the faces' paths relative to ``root``: which images a network was trained on."""
+def fingerprint(faces: FaceSet) -> str:
+    """A hash of the faces' folder/identity/file names: which images a network was trained on, wherever they live."""
     h = hashlib.sha256()
     for p in faces.paths:
-        h.update(str(Path(p).relative_to(root)).encode() + b"\n")
+        h.update("/".join(Path(p).parts[-3:]).encode() + b"\n")
     return h.hexdigest()
 
 

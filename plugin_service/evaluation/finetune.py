@@ -1,10 +1,11 @@
-"""`advface finetune-head`: the paper's offline mode, a server-side head that expects protected features.
+"""`advface finetune-head`: the paper's offline mode as XNN-d, a server-side R that expects protected features.
 
-AdvFace moves stored features off the manifold the recogniser's head was trained on, which costs
-some verification accuracy. When the operator can retrain the server side, the head is fine-tuned
-on protected features of the public faces while E (on every client) stays frozen: cross-entropy
-over identities through a fresh linear classifier on the scaled unit embedding, as in
-:mod:`plugin_service.training.recognizer`.
+A protector moves stored features off the manifold R was trained on, which costs verification
+accuracy. When the operator can retrain the server side, R is trained on protected features of
+public faces while E (on every client) stays frozen. By default it is *distilled* (XNN-d): for
+each face, R(protected feature) learns to point where the clean R's embedding of the clean face
+points (``target="clean"``), or where the teacher's (dlib's, centred) embedding points
+(``target="teacher"``); ``target="identity"`` keeps the older cross-entropy over identities.
 
 Each batch holds the protected features AND the clean features of the same faces (unless
 ``clean_mix`` is off), because at verification time the head sees both: stored, protected
@@ -15,6 +16,7 @@ computed once before training (PGD dominates the cost) and kept as float16 in me
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -27,8 +29,9 @@ from torch import nn
 from plugin_service.bundle import load_bundle
 from plugin_service.evaluation.consistency import require_same_extractor
 from plugin_service.evaluation.data import batch_order
+from plugin_service.evaluation.errors import EvaluationError
 from plugin_service.evaluation.protection import make_protector, protect_dataset
-from plugin_service.faces import load_face_folder, split_identities
+from plugin_service.faces import load_face_folders, split_identities
 from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import Recognizer, load_recognizer
 from plugin_service.protect.registry import ProtectorParams
@@ -42,10 +45,11 @@ HALVES = ("all", "defender", "attacker")
 @dataclass(frozen=True)
 class HeadFinetuning:
     recognizer: Path
-    data: Path
+    data: tuple[Path, ...]
     out: Path
     bundle: Path | None = None  # None: the default bundle
     protector: str = "advface"
+    target: str = "clean"  # clean R's embedding (XNN-d), the teacher's, or identity cross-entropy
     params: ProtectorParams = ProtectorParams()  # None fields: the bundle's PGD defaults
     epochs: int = 3
     batch_size: int = 32  # faces per protector call and per training step
@@ -68,6 +72,19 @@ class FinetuneResult:
     train_accuracy: float  # identity accuracy on protected features, last epoch
 
 
+TARGETS = ("clean", "teacher", "identity")
+
+
+def _teacher_targets(images: torch.Tensor) -> torch.Tensor:
+    """The judge's embeddings of the faces, centred (see training.distill), from the shared cache."""
+    from plugin_service.evaluation.config import default_cache_dir
+    from plugin_service.judge import EmbeddingCache, load_judge
+
+    judge = load_judge()
+    raw = EmbeddingCache(default_cache_dir().parent / "judge", judge.name).embed(images, judge.embed, desc="teacher")
+    return raw - raw.mean(dim=0, keepdim=True)
+
+
 def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     """Fine-tunes ``cfg.recognizer``'s head on protected features of ``cfg.data`` and writes ``cfg.out``."""
     if cfg.half not in HALVES:
@@ -77,7 +94,9 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     bundle = load_bundle(cfg.bundle).to(device)
     model = load_recognizer(cfg.recognizer).to(device)
     require_same_extractor(model, bundle)
-    faces = load_face_folder(cfg.data, limit_per_identity=cfg.limit_per_identity)
+    if cfg.target not in TARGETS:
+        raise EvaluationError(f"unknown fine-tuning target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
+    faces = load_face_folders(cfg.data, limit_per_identity=cfg.limit_per_identity)
     if cfg.half != "all":
         faces = faces.subset(split_identities(faces.identities)[HALVES.index(cfg.half) - 1])
     protector = make_protector(cfg.protector, bundle, cfg.params, generator=torch.Generator().manual_seed(cfg.seed))
@@ -86,6 +105,8 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     protected = protect_dataset(faces.images, bundle.extractor, protector, batch_order(len(faces), cfg.seed),
                                 cfg.batch_size, device, desc=f"{cfg.protector} features")
     extractor = freeze(model.extractor)
+    reference = freeze(copy.deepcopy(model.head))  # the clean R, for target "clean"
+    teacher = _teacher_targets(faces.images) if cfg.target == "teacher" else None
     classifier = nn.Linear(model.embedding_dim, len(faces.identities)).to(device)
     params = list(model.head.parameters()) + list(classifier.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -103,9 +124,17 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
                 with torch.no_grad():
                     inputs.append(extractor(faces.floats(idx).to(device)))
                 targets.append(y)
-            logits = classifier(model.head(torch.cat(inputs)) * EMBEDDING_SCALE)
+            embedding = model.head(torch.cat(inputs))
+            logits = classifier(embedding * EMBEDDING_SCALE)
             target = torch.cat(targets)
-            loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+            if cfg.target == "identity":
+                loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+            else:
+                with torch.no_grad():
+                    goal = (teacher[idx].to(device) if teacher is not None
+                            else reference(extractor(faces.floats(idx).to(device))))
+                goal = F.normalize(goal.float(), dim=1).repeat(len(inputs), 1)
+                loss = (1 - F.cosine_similarity(embedding, goal, dim=1)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -122,6 +151,6 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
         "finetuned_from": cfg.recognizer.name, "finetune_bundle": bundle.version, "finetune_protector": cfg.protector,
         "finetune_params": json.dumps(protector.params(), sort_keys=True), "finetune_data": str(cfg.data),
         "finetune_faces": str(len(faces)), "finetune_epochs": str(cfg.epochs), "finetune_seed": str(cfg.seed),
-        "finetune_clean_mix": str(cfg.clean_mix),
+        "finetune_clean_mix": str(cfg.clean_mix), "finetune_target": cfg.target,
     })
     return FinetuneResult(model, len(faces), len(faces.identities), loss_mean, accuracy)

@@ -152,7 +152,10 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
     if eval_overlap:
         log.warning("%d verification identities also appear in --attack-data; privacy numbers may be optimistic "
                     "for the attacker", len(eval_overlap))
-    protectors = list(dict.fromkeys(["none", *cfg.protectors]))  # 'none' is every table's reference row
+    asked = cfg.protectors or ("random", "dp", "advface", *(("resynth",) if bundle.recognizer is not None else ()))
+    if "resynth" in asked:
+        bundle.require_recognizer("the resynth protector")  # a clear error before hours of work
+    protectors = list(dict.fromkeys(["none", *asked]))  # 'none' is every table's reference row
     with_advface = "advface" in protectors
     base = cfg.protector_params()
 
@@ -217,7 +220,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
         "recognizers": recognizer_info,
         "data": {"eval_root": str(cfg.data), "pairs_file": str(cfg.pairs), "pairs": len(faces.pairs),
                  "eval_faces": len(faces), "eval_identities": len(faces.identities),
-                 "attack_root": str(cfg.attack_data), "defender_faces": len(attack.defender),
+                 "attack_root": ", ".join(map(str, cfg.attack_data)), "defender_faces": len(attack.defender),
                  "defender_identities": len(attack.defender.identities), "attacker_faces": len(attack.attacker),
                  "attacker_identities": len(attack.attacker.identities), "eval_attack_overlap": len(eval_overlap)},
         "disjointness": asdict(disjoint),

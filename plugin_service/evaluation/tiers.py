@@ -266,7 +266,7 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
     if "advface" in protectors:
         arch = bundle.manifest.shadow.arch
         own_shadow = train_on_features(arch, "adaptive-shadow", shadow_recipe(cfg, bundle, arch, "adaptive-shadow"),
-                                       attack.attacker, fingerprint(attack.attacker, attack.root), bundle, cache, device)
+                                       attack.attacker, fingerprint(attack.attacker), bundle, cache, device)
     for name in protectors:
         defender, attacker_copy = _storers(name, cfg, bundle, own_shadow, base, device)
         runner.run(name, defender, attacker_copy, floor=False)

@@ -3,7 +3,9 @@
 Health is NOT_SERVING until the bundle is loaded and one warm-up batch has run, so a load
 balancer or Kubernetes readiness probe never routes a batch to a cold replica. SIGTERM (or
 SIGINT) flips health to NOT_SERVING, turns new batches away with UNAVAILABLE, lets queued and
-in-flight batches finish within ``drain_seconds``, then stops.
+in-flight batches finish within ``drain_seconds``, then stops. A bundle that contradicts the
+operator's settings (PGD defaults outside the policy, an invalid feature bound) stops the start
+with :class:`StartupError`, which ``serve`` turns into a one-line message and exit status 1.
 """
 
 from __future__ import annotations
@@ -14,23 +16,31 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from advface.v1 import plugin_pb2 as pb
+from advface.v1 import plugin_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from advface.v1 import plugin_pb2 as pb
-from advface.v1 import plugin_pb2_grpc as pb_grpc
-from plugin_service.bundle import load_bundle
+from plugin_service.bundle import BundleError, load_bundle
 from plugin_service.config import ServerSettings
 from plugin_service.engine import Engine
 from plugin_service.server.batcher import ByteBudget, DeviceQueue, Job
-from plugin_service.server.codec import BatchLimits
+from plugin_service.server.codec import UNARY_MAX_BYTES, BatchLimits
 from plugin_service.server.interceptors import MetricsInterceptor
 from plugin_service.server.metrics import ServiceMetrics
 from plugin_service.server.policy import Policy
-from plugin_service.server.servicer import GuardServicer, ServingState
+from plugin_service.server.servicer import GuardServicer
+from plugin_service.server.state import ServingState
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdvFaceGuard"].full_name
+# gRPC itself refuses messages above this multiple of --max-message-mb (killing the stream); between
+# the two the service answers the message's batch INVALID_ARGUMENT and the stream goes on.
+HARD_MESSAGE_LIMIT_FACTOR = 2
+
+
+class StartupError(RuntimeError):
+    """The server must not start; the message says why in one line."""
 
 
 @dataclass
@@ -51,7 +61,16 @@ def _model_info(engine: Engine, settings: ServerSettings, policy: Policy) -> pb.
         device=str(engine.device),
         policy=pb.Policy(protectors=list(policy.protectors), max_steps=policy.max_steps, min_eps=policy.min_eps,
                          max_eps=policy.max_eps, max_batch=policy.max_batch),
-        max_message_bytes=settings.max_message_mb * 2**20)
+        max_message_bytes=settings.max_message_mb * 2**20, max_unary_bytes=UNARY_MAX_BYTES)
+
+
+def _feature_range(feature_bound: float | None, settings: ServerSettings) -> tuple[float, float]:
+    """[0, bound] from the bundle (E ends in a ReLU; fp16 rounding keeps signs), else +-max_feature_value."""
+    if feature_bound is None:
+        return (-settings.max_feature_value, settings.max_feature_value)
+    if not 0 < feature_bound < float("inf"):
+        raise StartupError(f"the bundle's feature_bound {feature_bound!r} is not a positive number")
+    return (0.0, float(feature_bound))
 
 
 async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None = None) -> RunningServer:
@@ -59,8 +78,9 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     metrics = metrics or ServiceMetrics()
     limit = settings.max_message_mb * 2**20
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(metrics)],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        interceptors=[MetricsInterceptor(metrics, SERVICE_NAME)],
+        options=[("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT_FACTOR * limit),
+                 ("grpc.max_send_message_length", limit),
                  # Clients reconnect (and re-resolve) periodically, so replicas added by the
                  # autoscaler get traffic from long-running clients too.
                  ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
@@ -80,11 +100,22 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
         metrics.serve_http(settings.metrics_port, settings.host)
 
     loop = asyncio.get_running_loop()
-    bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
+    try:
+        try:
+            bundle = await loop.run_in_executor(None, load_bundle, settings.bundle)
+        except BundleError as e:
+            raise StartupError(f"cannot load the bundle: {e}") from None
+        policy = Policy(settings.allowed_protectors, settings.max_steps, settings.min_eps, settings.max_eps,
+                        settings.max_batch, default_protector=settings.allowed_protectors[0])
+        pgd = bundle.manifest.pgd
+        if (problem := policy.check_defaults(pgd.steps, pgd.eps)) is not None:
+            raise StartupError(f"refusing to serve bundle {bundle.version}: {problem}")
+        value_range = _feature_range(bundle.manifest.feature_bound, settings)
+    except StartupError:
+        await server.stop(0)
+        raise
     engine = Engine(bundle, settings.device, settings.torch_threads)
     metrics.device_capacity.set(engine.memory_capacity())
-    policy = Policy(settings.allowed_protectors, settings.max_steps, settings.min_eps, settings.max_eps,
-                    settings.max_batch, default_protector=settings.allowed_protectors[0])
 
     def run(job: Job):  # noqa: ANN202 - EngineResult, kept out of the server's imports' concerns
         result = engine.protect(job.features, job.protector, job.params)
@@ -94,9 +125,12 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     queue = DeviceQueue(run, settings.queue_size, settings.workers, metrics)
     queue.start()
     info = _model_info(engine, settings, policy)
-    state = ServingState(queue, ByteBudget(settings.memory_budget_mb * 2**20, metrics), policy,
-                         BatchLimits(engine.feature_shape, settings.max_batch), metrics, info,
-                         settings.chunk_kb * 1024, stream_window=settings.queue_size + 2)
+    budget_bytes = settings.memory_budget_mb * 2**20
+    limits = BatchLimits(engine.feature_shape, settings.max_batch, max_batch_bytes=budget_bytes, value_range=value_range)
+    state = ServingState(queue, ByteBudget(budget_bytes, metrics), policy, limits, metrics, info,
+                         settings.chunk_kb * 1024, stream_window=settings.queue_size + 2, max_message_bytes=limit,
+                         chunk_timeout=settings.chunk_timeout_s, max_streams=settings.max_streams,
+                         max_reassembling=settings.max_reassembling)
     servicer.ready(state)
     seconds = await loop.run_in_executor(None, engine.warm_up, settings.warmup_faces)
     metrics.info.info({"model_version": bundle.version, "protector": policy.default_protector,
@@ -126,7 +160,10 @@ async def drain_and_stop(running: RunningServer, grace: float) -> None:
 
 
 async def serve(settings: ServerSettings) -> None:
-    running = await start_server(settings)
+    try:
+        running = await start_server(settings)
+    except StartupError as e:
+        raise SystemExit(f"advface serve: {e}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

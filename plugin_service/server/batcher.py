@@ -35,29 +35,52 @@ class OverBudget(Exception):
 class ByteBudget:
     """Bounds the host memory held by batches: reassembly buffers and results waiting to be sent.
 
-    ``release`` is synchronous so that cleanup paths (cancelled streams, done-callbacks) can
-    always return memory without awaiting.
+    Streams reserve the bytes of each message as it arrives (never a header's promise), so a
+    client can only hold memory it has actually sent. ``release`` is synchronous so that cleanup
+    paths (cancelled streams, done-callbacks) can always return memory without awaiting.
+    ``on_change`` lets the server wake whoever waits for the service to become idle.
     """
 
-    def __init__(self, capacity: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, capacity: int, metrics: ServiceMetrics, on_change: Callable[[], None] | None = None) -> None:
         self.capacity, self.reserved = capacity, 0
         self._waiters: list[asyncio.Future[None]] = []
         self._metrics = metrics
+        self.on_change = on_change
 
-    async def acquire(self, n: int) -> None:
+    def try_acquire(self, n: int) -> bool:
+        if self.reserved + n > self.capacity:
+            return False
+        self._add(n)
+        return True
+
+    async def acquire(self, n: int, timeout: float | None = None) -> bool:
+        """Waits for room for ``n`` bytes; False if there was none within ``timeout`` seconds."""
         if n > self.capacity:
-            raise OverBudget(f"batch needs {n / 2**20:.0f} MiB, over the server's memory budget of "
+            raise OverBudget(f"{n / 2**20:.0f} MiB is over the server's memory budget of "
                              f"{self.capacity / 2**20:.0f} MiB")
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while self.reserved + n > self.capacity:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+                if left is not None and left <= 0:
+                    return False
+                await asyncio.wait_for(waiter, left)
+            except TimeoutError:
+                return False
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-        self.reserved += n
-        self._metrics.reserved.set(self.reserved)
+        self._add(n)
+        return True
+
+    def _add(self, n: int) -> None:
+        if n:
+            self.reserved += n
+            self._metrics.reserved.set(self.reserved)
+            if self.on_change:
+                self.on_change()
 
     def release(self, n: int) -> None:
         if n == 0:
@@ -68,6 +91,8 @@ class ByteBudget:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+        if self.on_change:
+            self.on_change()
 
 
 @dataclass
@@ -77,6 +102,7 @@ class Job:
     protector: str
     params: Any  # ProtectorParams, opaque here
     enqueued: float = 0.0
+    started: bool = False  # taken by a worker; a job not yet started is skipped if its future is cancelled
 
 
 class DeviceQueue:
@@ -112,6 +138,10 @@ class DeviceQueue:
         while True:
             job, future = await self._queue.get()
             self._metrics.queue_depth.set(self._queue.qsize())
+            if future.cancelled():  # its stream went away while it waited: nobody wants the result
+                self._queue.task_done()
+                continue
+            job.started = True
             self._metrics.queue_wait.observe(time.perf_counter() - job.enqueued)
             try:
                 result = await loop.run_in_executor(self._pool, self._run, job)

@@ -3,7 +3,9 @@
 This is the only place where bytes become arrays. Both the server and the client library use
 it, so encoding and decoding cannot disagree. Every problem with a batch raises
 :class:`BatchError` carrying a gRPC status code and a message that names the batch, never
-the feature values.
+the feature values. Batch ids come from clients and may be arbitrarily long, so they are shown
+through :func:`shown_id` (bounded) in every message and log line; stream reassembly lives in
+``reassembly.py``.
 """
 
 from __future__ import annotations
@@ -14,22 +16,83 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from google.rpc import status_pb2
-
 from advface.v1 import plugin_pb2 as pb
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_BATCH_ID_BYTES = 128
+SHOWN_ID_CHARS = 64
+# Largest raw_data a unary Protect accepts: its response (the same bytes plus per-face stats and
+# ids) must fit the 4 MiB that default gRPC clients (Python, grpc-js, Go) accept.
+UNARY_MAX_BYTES = 4 * 2**20 - 64 * 2**10
+# Accepted feature values when the bundle does not record a bound (``--max-feature-value``).
+DEFAULT_FEATURE_BOUND = 1e4
 WIRE_DTYPES: dict[int, np.dtype] = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2")}
 DTYPE_NAMES = {pb.FP32: "FP32", pb.FP16: "FP16"}
 
 
-class BatchError(Exception):
-    """A batch cannot be served; ``code`` is the gRPC status it is answered with."""
+def shown_id(batch_id: str) -> str:
+    """A batch id bounded for messages and logs: long ids keep their first 64 characters and their size."""
+    if len(batch_id) <= SHOWN_ID_CHARS and len(batch_id.encode()) <= MAX_BATCH_ID_BYTES:
+        return batch_id
+    return f"{batch_id[:SHOWN_ID_CHARS]}…({len(batch_id.encode())} bytes)"
 
-    def __init__(self, batch_id: str, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"batch {batch_id!r}: {message}")
-        self.batch_id, self.code, self.detail = batch_id, code, message
+
+def response_id(batch_id: str) -> str:
+    """The id echoed in a response: the client's id when valid, else its bounded form (never megabytes)."""
+    return batch_id if len(batch_id.encode()) <= MAX_BATCH_ID_BYTES else shown_id(batch_id)
+
+
+def check_batch_id(batch_id: str) -> None:
+    if not batch_id or len(batch_id.encode()) > MAX_BATCH_ID_BYTES:
+        raise BatchError(batch_id, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"batch_id must be 1 to {MAX_BATCH_ID_BYTES} bytes, got {len(batch_id.encode())}")
+
+
+class BatchError(Exception):
+    """A batch cannot be served; ``code`` is the gRPC status it is answered with.
+
+    ``retry_after`` (seconds) is set only for temporary conditions (queue or memory full,
+    too many streams): the answer then carries a ``google.rpc.RetryInfo`` and clients may
+    resend. Without it the error is permanent and resending the same batch fails again.
+    """
+
+    def __init__(self, batch_id: str, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"batch {shown_id(batch_id)!r}: {message}")
+        self.batch_id, self.code, self.detail, self.retry_after = batch_id, code, message, retry_after
+
+    def status(self) -> status_pb2.Status:
+        """As a google.rpc.Status, with RetryInfo when the condition is temporary."""
+        return status_with_retry(self.code, str(self), self.retry_after)
+
+
+def status_with_retry(code: grpc.StatusCode, message: str, retry_after: float | None) -> status_pb2.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if retry_after is not None:
+        detail = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.append(detail)
+    return status
+
+
+def retry_delay(status: status_pb2.Status) -> float | None:
+    """The RetryInfo delay in a status, in seconds; None when the status carries none (permanent)."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+def strip_prefix(batch_id: str, message: str) -> str:
+    """A server message without its "batch '...': " prefix (the client adds its own)."""
+    for shown in (shown_id(batch_id), response_id(batch_id), batch_id):
+        message = message.removeprefix(f"batch {shown!r}: ")
+    return message
 
 
 @dataclass(frozen=True)
@@ -63,6 +126,7 @@ class Result:
     stats: list[FaceStat] = field(default_factory=list)
     model_version: str = ""
     error: BatchError | None = None
+    protector: str = ""  # server side: which protector produced the features (for the metrics)
 
 
 def wire_dtype(array: np.ndarray) -> int:
@@ -120,133 +184,91 @@ def encode_result(result: Result, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Ite
 
 
 def error_response(error: BatchError) -> pb.ProtectResponse:
-    status = status_pb2.Status(code=error.code.value[0], message=str(error))
-    return pb.ProtectResponse(batch_id=error.batch_id, chunk_index=0, chunk_count=1, error=status)
+    return pb.ProtectResponse(batch_id=response_id(error.batch_id), chunk_index=0, chunk_count=1, error=error.status())
 
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """What the server accepts; checked on a batch's first chunk, before any memory is reserved."""
+    """What the server accepts; a header is checked against it before any memory is reserved.
+
+    ``max_batch_bytes`` is the memory budget (a larger batch could never be held);
+    ``value_range`` bounds every feature value (the bundle's recorded bound, or
+    ``--max-feature-value``), so absurd finite values cannot collapse a batch's BatchNorm.
+    """
 
     feature_shape: tuple[int, ...]
     max_batch: int
+    max_batch_bytes: int = 2**62
+    value_range: tuple[float, float] = (-DEFAULT_FEATURE_BOUND, DEFAULT_FEATURE_BOUND)
 
 
-class Reassembler:
-    """Collects the chunks of one batch at a time and checks them against the limits.
+@dataclass(frozen=True)
+class Header:
+    """A batch's first message, validated: what its data must add up to."""
 
-    Per message: :meth:`interrupted_by` fails a pending batch that another batch cut into,
-    :meth:`is_leftover` drops the rest of a batch that already failed, :meth:`expected_bytes`
-    on a first chunk gives the memory to reserve, and :meth:`add` returns the finished
-    :class:`Batch` on the last chunk. Any inconsistency raises :class:`BatchError`.
-    """
-
-    def __init__(self, limits: BatchLimits) -> None:
-        self.limits = limits
-        self._id: str | None = None
-        self._buffer: bytearray | None = None
-        self._filled = 0
-        self._next = 0
-        self._count = 0
-        self._shape: tuple[int, ...] = ()
-        self._dtype = np.dtype("<f4")
-        self._options = Options()
-        self._wire = 0
-        self._discard: str | None = None  # id of a failed batch whose remaining chunks are dropped
+    batch_id: str
+    chunk_count: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    options: Options
 
     @property
-    def pending(self) -> str | None:
-        """The id of a batch whose chunks are still arriving, if any."""
-        return self._id
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
-    def reset(self) -> None:
-        self._id, self._buffer, self._filled, self._next, self._wire = None, None, 0, 0, 0
 
-    def interrupted_by(self, msg: pb.ProtectRequest) -> BatchError | None:
-        """If ``msg`` starts another batch while one is pending, fails and forgets the pending one."""
-        if self._id is None or msg.batch_id == self._id:
-            return None
-        error = BatchError(self._id, grpc.StatusCode.INVALID_ARGUMENT,
-                           f"chunk sequence broken: batch {msg.batch_id!r} started after chunk "
-                           f"{self._next} of {self._count}")
-        self.reset()
-        return error
+def parse_header(msg: pb.ProtectRequest, limits: BatchLimits) -> Header:
+    """Validates a batch's first message (id, position, datatype, shape, size); allocates nothing."""
+    bid = msg.batch_id
+    check_batch_id(bid)
+    if msg.chunk_index != 0:
+        raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk sequence broken: first message of the batch has chunk_index {msg.chunk_index}, expected 0")
+    if msg.datatype not in WIRE_DTYPES:
+        name = pb.DataType.Name(msg.datatype) if msg.datatype in pb.DataType.values() else msg.datatype
+        raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT, f"unsupported datatype {name}; send FP32 or FP16")
+    shape = tuple(msg.shape)
+    want = limits.feature_shape
+    if len(shape) != 1 + len(want) or shape[1:] != want:
+        shown = list(shape[:8]) + (["..."] if len(shape) > 8 else [])
+        raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"shape {shown} does not match [N, {', '.join(map(str, want))}] of the loaded bundle")
+    # Too many faces is permanent (resending cannot help): INVALID_ARGUMENT, never RetryInfo.
+    if not 1 <= shape[0] <= limits.max_batch:
+        raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"batch of {shape[0]} faces; the server accepts 1 to {limits.max_batch}")
+    o = msg.options
+    header = Header(bid, max(1, msg.chunk_count), shape, WIRE_DTYPES[msg.datatype],
+                    Options(o.protector, o.steps, o.eps if o.HasField("eps") else None))
+    if header.nbytes > limits.max_batch_bytes:
+        raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"batch needs {header.nbytes / 2**20:.0f} MiB, over the server's memory budget of "
+                         f"{limits.max_batch_bytes / 2**20:.0f} MiB; send fewer faces per batch")
+    if header.chunk_count > max(1, header.nbytes):
+        raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk_count {header.chunk_count} exceeds the batch's {header.nbytes} bytes")
+    return header
 
-    def reject(self, batch_id: str) -> None:
-        """Forgets a batch that failed outside :meth:`add`; its remaining chunks become leftovers."""
-        self.reset()
-        self._discard = batch_id
 
-    def is_leftover(self, msg: pb.ProtectRequest) -> bool:
-        """True for a later chunk of a batch that already failed: it was answered, drop it."""
-        return self._id is None and msg.batch_id == self._discard and msg.chunk_index != 0
+VALUE_CHECK_BLOCK = 1 << 22  # elements per pass: bounds the temporaries of checking a 390 MB batch
 
-    def expected_bytes(self, msg: pb.ProtectRequest) -> int:
-        """Validates a batch's header (chunk 0) and returns the size of its features in bytes."""
-        bid = msg.batch_id
-        if not bid or len(bid.encode()) > MAX_BATCH_ID_BYTES:
-            raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"batch_id must be 1 to {MAX_BATCH_ID_BYTES} bytes")
-        if msg.chunk_index != 0:
-            raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"chunk sequence broken: first message of the batch has chunk_index {msg.chunk_index}, expected 0")
-        if msg.datatype not in WIRE_DTYPES:
-            raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"unsupported datatype {pb.DataType.Name(msg.datatype) if msg.datatype in pb.DataType.values() else msg.datatype}; "
-                             "send FP32 or FP16")
-        shape = tuple(msg.shape)
-        want = self.limits.feature_shape
-        if len(shape) != 1 + len(want) or shape[1:] != want:
-            raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"shape {list(shape)} does not match [N, {', '.join(map(str, want))}] of the loaded bundle")
-        if not 1 <= shape[0] <= self.limits.max_batch:
-            code = grpc.StatusCode.INVALID_ARGUMENT if shape[0] < 1 else grpc.StatusCode.RESOURCE_EXHAUSTED
-            raise BatchError(bid, code, f"batch of {shape[0]} faces; the server accepts 1 to {self.limits.max_batch}")
-        return int(np.prod(shape)) * WIRE_DTYPES[msg.datatype].itemsize
 
-    def add(self, msg: pb.ProtectRequest) -> Batch | None:
-        bid = msg.batch_id
-        count = max(1, msg.chunk_count)
-        if self._id is None:
-            try:
-                size = self.expected_bytes(msg)
-            except BatchError:
-                self._discard = bid
-                raise
-            self._id, self._count, self._next = bid, count, 0
-            self._shape, self._dtype = tuple(msg.shape), WIRE_DTYPES[msg.datatype]
-            o = msg.options
-            self._options = Options(o.protector, o.steps, o.eps if o.HasField("eps") else None)
-            self._buffer, self._filled, self._wire = bytearray(size), 0, 0
-        try:
-            if msg.chunk_index != self._next or count != self._count:
-                raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"chunk sequence broken: got chunk {msg.chunk_index} of {count}, "
-                                 f"expected chunk {self._next} of {self._count}")
-            assert self._buffer is not None
-            end = self._filled + len(msg.raw_data)
-            if end > len(self._buffer):
-                raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"raw_data is longer than shape {list(self._shape)} x {self._dtype.itemsize} bytes "
-                                 f"= {len(self._buffer)} bytes")
-            self._buffer[self._filled : end] = msg.raw_data
-            self._filled, self._next = end, self._next + 1
-            self._wire += msg.ByteSize()
-            if self._next < self._count:
-                return None
-            if self._filled != len(self._buffer):
-                raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"raw_data holds {self._filled} bytes, shape {list(self._shape)} needs {len(self._buffer)}")
-            features = np.frombuffer(self._buffer, dtype=self._dtype).reshape(self._shape)
-            if not np.isfinite(features).all():
-                bad = int(features.size - np.isfinite(features).sum())
-                raise BatchError(bid, grpc.StatusCode.INVALID_ARGUMENT, f"features hold {bad} NaN or Inf values")
-            batch = Batch(bid, features.astype(self._dtype.newbyteorder("="), copy=False), self._options, self._wire)
-        except BatchError:
-            self.reject(bid)
-            raise
-        self.reset()
-        return batch
+def check_values(batch_id: str, features: np.ndarray, value_range: tuple[float, float]) -> None:
+    """Counts NaN/Inf and out-of-range values; raises naming how many, never which values."""
+    lo, hi = value_range
+    flat = features.reshape(-1)
+    non_finite = out_of_range = 0
+    for start in range(0, flat.size, VALUE_CHECK_BLOCK):
+        block = flat[start : start + VALUE_CHECK_BLOCK]
+        finite = np.isfinite(block)
+        non_finite += block.size - int(np.count_nonzero(finite))
+        out_of_range += int(np.count_nonzero(finite & ((block < lo) | (block > hi))))
+    if non_finite:
+        raise BatchError(batch_id, grpc.StatusCode.INVALID_ARGUMENT, f"features hold {non_finite} NaN or Inf values")
+    if out_of_range:
+        raise BatchError(batch_id, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{out_of_range} of {flat.size} feature values lie outside the accepted range "
+                         f"[{lo:g}, {hi:g}]; were they produced by this bundle's extractor?")
 
 
 def decode_response_chunks(messages: Sequence[pb.ProtectResponse]) -> Result:
@@ -254,8 +276,9 @@ def decode_response_chunks(messages: Sequence[pb.ProtectResponse]) -> Result:
     first = messages[0]
     if first.HasField("error") and first.error.code != 0:
         code = next((c for c in grpc.StatusCode if c.value[0] == first.error.code), grpc.StatusCode.UNKNOWN)
-        detail = first.error.message.removeprefix(f"batch {first.batch_id!r}: ")
-        return Result(first.batch_id, None, error=BatchError(first.batch_id, code, detail))
+        detail = strip_prefix(first.batch_id, first.error.message)
+        return Result(first.batch_id, None,
+                      error=BatchError(first.batch_id, code, detail, retry_after=retry_delay(first.error)))
     dtype = WIRE_DTYPES[first.datatype]
     raw = b"".join(m.raw_data for m in messages)
     features = np.frombuffer(raw, dtype=dtype).reshape(tuple(first.shape)).astype(dtype.newbyteorder("="), copy=False)

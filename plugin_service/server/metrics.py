@@ -7,7 +7,14 @@ only; tests/test_deploy.py checks that they exist here.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -22,9 +29,10 @@ class ServiceMetrics:
         r = self.registry = registry or CollectorRegistry()
         self.requests = Counter("advface_requests", "Finished RPCs by method and gRPC status code",
                                 ["method", "code"], registry=r)
-        self.batches = Counter("advface_batches", "Batches answered, by RPC method and gRPC status code",
+        self.batches = Counter("advface_batches", "Batches answered, by RPC method and the gRPC status code the client saw "
+                               "(CANCELLED: the call ended before the answer was sent)",
                                ["method", "code"], registry=r)
-        self.faces = Counter("advface_faces_protected", "Faces whose features were protected",
+        self.faces = Counter("advface_faces_protected", "Faces whose protected features were sent to the client",
                              ["protector"], registry=r)
         self.batch_size = Histogram("advface_batch_size_faces", "Faces per protected batch",
                                     buckets=BATCH_BUCKETS, registry=r)
@@ -36,6 +44,9 @@ class ServiceMetrics:
                                  "End-to-end time from a batch's last chunk arriving to its result being queued for sending",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("advface_batches_in_flight", "Batches received and not yet answered", registry=r)
+        self.streams = Gauge("advface_streams_open", "ProtectStream calls open", registry=r)
+        self.reassembling = Gauge("advface_batches_reassembling", "Chunked batches whose chunks are still arriving",
+                                  registry=r)
         self.queue_depth = Gauge("advface_queue_depth", "Batches waiting for the device", registry=r)
         self.gain = Histogram("advface_shadow_loss_gain_ratio",
                               "Per face: shadow-model L1 loss after protection / before; near 1 means no privacy gain",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from plugin_service.bundle import Bundle, BundleError, extractor_mismatch, load_bundle, save_bundle
-from plugin_service.faces import load_face_folder
+from plugin_service.faces import load_face_folders
 from plugin_service.models.recognizer import load_recognizer
 from plugin_service.runtime import pick_device, progress
 
@@ -38,7 +39,7 @@ def feature_statistics(bundle: Bundle, faces: torch.Tensor, device: torch.device
     return (total / len(faces)).cpu(), largest
 
 
-def add_recognizer(bundle_dir: Path, recognizer_path: Path, faces_root: Path, out: Path | None = None,
+def add_recognizer(bundle_dir: Path, recognizer_path: Path, faces_roots: Sequence[Path], out: Path | None = None,
                    limit_per_identity: int | None = None, device: str = "auto") -> str:
     """Writes ``out`` (default: the bundle itself) with R, the start feature and the bound; returns its hash."""
     bundle = load_bundle(bundle_dir)
@@ -46,10 +47,10 @@ def add_recognizer(bundle_dir: Path, recognizer_path: Path, faces_root: Path, ou
     reason = extractor_mismatch(recognizer, bundle)
     if reason:
         raise BundleError(f"recogniser {recognizer_path} does not fit bundle {bundle_dir}: {reason}")
-    faces = load_face_folder(faces_root, limit_per_identity)
+    faces = load_face_folders(faces_roots, limit_per_identity)
     start, largest = feature_statistics(bundle, faces.images, pick_device(device))
     provenance = {**bundle.manifest.provenance, "recognizer_source": Path(recognizer_path).name,
-                  "start_feature": f"mean of E over {len(faces)} faces of {Path(faces_root).name}",
+                  "start_feature": f"mean of E over {len(faces)} faces of {'+'.join(Path(r).name for r in faces_roots)}",
                   "feature_max_observed": f"{largest:.4f}"}
     manifest = replace(bundle.manifest, recognizer=recognizer.spec, feature_bound=round(BOUND_FACTOR * largest, 4),
                        provenance=provenance)

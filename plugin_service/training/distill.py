@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.faces import FaceSet, load_face_folder
+from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, RecognizerSpec, embed_images
 from plugin_service.pairs import load_eval_faces
@@ -65,19 +65,6 @@ def build_teacher(name: str) -> tuple[str, Teacher]:
         raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
     judge = load_judge()
     return judge.name, judge.embed
-
-
-def load_training_faces(roots: Sequence[Path], limit_per_identity: int | None) -> FaceSet:
-    """Every face of every root, with identities kept apart per root (labels for the optional CE)."""
-    sets = [load_face_folder(r, limit_per_identity) for r in roots]
-    images, labels, names, paths, offset = [], [], [], [], 0
-    for root, s in zip(roots, sets):
-        images.append(s.images)
-        labels.append(s.labels + offset)
-        names += [f"{Path(root).name}/{n}" for n in s.identities]
-        paths += s.paths
-        offset += len(s.identities)
-    return FaceSet(torch.cat(images), torch.cat(labels), names, paths)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -127,7 +114,7 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     assert teacher_name is not None, "a custom teacher needs a name for its embedding cache"
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    faces = load_training_faces(cfg.data, cfg.limit_per_identity)
+    faces = load_face_folders(cfg.data, cfg.limit_per_identity)
     cache = EmbeddingCache(cfg.cache_dir, teacher_name)
     raw = cache.embed(faces.images, teacher, desc=f"teacher {teacher_name}")
     # Centred: every dlib descriptor shares a large common component (two strangers' raw vectors

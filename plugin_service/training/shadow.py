@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from plugin_service.bundle import Manifest, PGDDefaults, save_bundle
-from plugin_service.faces import load_face_folder, split_identities
+from plugin_service.faces import load_face_folders, split_identities
 from plugin_service.models.extractor import DEFAULT_SPLIT, Extractor, freeze
 from plugin_service.models.recognizer import load_recognizer
 from plugin_service.models.shadow import ShadowSpec
 from plugin_service.runtime import pick_device
+from plugin_service.training.bundle_recognizer import add_recognizer
 from plugin_service.training.loop import Checkpointer
 from plugin_service.training.reconstruction import (
     ReconstructionTraining,
@@ -26,7 +27,7 @@ HALVES = ("all", "defender", "attacker")
 
 @dataclass(frozen=True)
 class ShadowTraining:
-    data: Path
+    data: tuple[Path, ...]
     extractor: Path  # recogniser safetensors or a FaceNet state dict
     out: Path
     spec: ShadowSpec = ShadowSpec()
@@ -38,6 +39,7 @@ class ShadowTraining:
     device: str = "auto"
     split: str = DEFAULT_SPLIT
     command: str = ""  # the command line that made the bundle, recorded in its manifest
+    with_recognizer: bool = False  # also put R (from ``extractor``) into the bundle, for resynth
 
 
 def load_extractor(weights: Path, split: str = DEFAULT_SPLIT) -> Extractor:
@@ -56,7 +58,7 @@ def train_shadow(cfg: ShadowTraining) -> str:
         raise ValueError(f"--half must be one of {HALVES}, got {cfg.half!r}")
     device = pick_device(cfg.device)
     extractor = load_extractor(cfg.extractor, cfg.split).to(device)
-    faces = load_face_folder(cfg.data)
+    faces = load_face_folders(cfg.data)
     names = faces.identities if cfg.half == "all" else split_identities(faces.identities)[HALVES.index(cfg.half) - 1]
     faces = faces.subset(names)
     # Hold out every 20th face for per-epoch validation.
@@ -73,7 +75,8 @@ def train_shadow(cfg: ShadowTraining) -> str:
         provenance={
             "command": cfg.command,
             "extractor_source": cfg.extractor.name,
-            "shadow_data": f"{cfg.data.name} ({cfg.half} half: {len(names)} identities, {len(train)} faces)",
+            "shadow_data": f"{'+'.join(d.name for d in cfg.data)} ({cfg.half} half: {len(names)} identities, "
+                           f"{len(train)} faces)",
             "shadow_identities": ",".join(names),
             "shadow_epochs": str(cfg.epochs),
             "shadow_seed": str(cfg.seed),
@@ -83,4 +86,6 @@ def train_shadow(cfg: ShadowTraining) -> str:
         })
     content_hash = save_bundle(cfg.out, manifest, extractor.cpu(), shadow.cpu())
     Checkpointer(cfg.out).remove()
+    if cfg.with_recognizer:
+        content_hash = add_recognizer(cfg.out, cfg.extractor, cfg.data, device=cfg.device)
     return content_hash

@@ -96,7 +96,7 @@ class Policy(_message.Message):
     def __init__(self, protectors: _Optional[_Iterable[str]] = ..., max_steps: _Optional[int] = ..., min_eps: _Optional[float] = ..., max_eps: _Optional[float] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "content_hash", "feature_shape", "feature_dtype", "split", "shadow_arch", "protector", "protector_params", "device", "policy", "max_message_bytes")
+    __slots__ = ("model_version", "content_hash", "feature_shape", "feature_dtype", "split", "shadow_arch", "protector", "protector_params", "device", "policy", "max_message_bytes", "max_unary_bytes")
     class ProtectorParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNARY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     content_hash: str
     feature_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -126,4 +127,5 @@ class ModelInfo(_message.Message):
     device: str
     policy: Policy
     max_message_bytes: int
-    def __init__(self, model_version: _Optional[str] = ..., content_hash: _Optional[str] = ..., feature_shape: _Optional[_Iterable[int]] = ..., feature_dtype: _Optional[str] = ..., split: _Optional[str] = ..., shadow_arch: _Optional[str] = ..., protector: _Optional[str] = ..., protector_params: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_unary_bytes: int
+    def __init__(self, model_version: _Optional[str] = ..., content_hash: _Optional[str] = ..., feature_shape: _Optional[_Iterable[int]] = ..., feature_dtype: _Optional[str] = ..., split: _Optional[str] = ..., shadow_arch: _Optional[str] = ..., protector: _Optional[str] = ..., protector_params: _Optional[_Mapping[str, str]] = ..., device: _Optional[str] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., max_message_bytes: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ...) -> None: ...

@@ -65,8 +65,9 @@ class AdvFaceGuardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Protect(self, request, context):
-        """Protects one small batch that fits in a single message (chunk_count 0 or 1). Errors are
-        returned as the call's gRPC status.
+        """Protects one small batch that fits in a single message (chunk_count 0 or 1) and whose
+        raw_data is at most ModelInfo.max_unary_bytes. Errors are returned as the call's gRPC status;
+        only temporary ones (RESOURCE_EXHAUSTED for a full queue) carry a google.rpc.RetryInfo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
