@@ -67,8 +67,8 @@ def _add_train_recognizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ce-weight", type=float, default=0.0, help="distillation: weight of an identity cross-entropy term")
     p.add_argument("--limit-per-identity", type=int, help="distillation: at most this many faces per identity")
-    p.add_argument("--cache-dir", type=Path, default=Path(".cache/teacher"),
-                   help="distillation: teacher embedding cache, keyed by pixels (default: %(default)s)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="distillation: teacher embedding cache, keyed by pixels (default: ~/.cache/advface/judge)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--pairs", type=Path, help="LFW pairs.txt to report verification accuracy on (every epoch when distilling)")

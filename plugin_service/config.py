@@ -38,7 +38,7 @@ class ServerSettings:
                                  "RESOURCE_EXHAUSTED (retryable)")
     max_feature_value: float = _opt(1e4, "largest accepted |feature value| when the bundle records no feature_bound "
                                     "(with one, values must lie in [0, feature_bound])")
-    protectors: str = _opt("advface", "comma-separated protectors clients may ask for (advface, random, dp)")
+    protectors: str = _opt("advface", "comma-separated protectors clients may ask for (advface, resynth, random, dp)")
     max_steps: int = _opt(100, "largest PGD step count a client may ask for")
     min_eps: float = _opt(0.05, "smallest eps a client may ask for (smaller weakens the protection)")
     max_eps: float = _opt(0.5, "largest eps a client may ask for (larger costs accuracy)")
@@ -58,7 +58,7 @@ class ServerSettings:
 
         unknown = [p for p in self.allowed_protectors if p not in PROTECTORS or p == "none"]
         if unknown:
-            raise ValueError(f"--protectors: unknown or unsafe protector(s) {unknown}; allowed: advface, random, dp")
+            raise ValueError(f"--protectors: unknown or unsafe protector(s) {unknown}; allowed: advface, resynth, random, dp")
         if not 0 < self.min_eps <= self.max_eps:
             raise ValueError(f"need 0 < --min-eps <= --max-eps, got {self.min_eps} and {self.max_eps}")
         for name in ("max_batch", "queue_size", "workers", "memory_budget_mb", "max_message_mb", "chunk_kb", "max_steps",

@@ -29,6 +29,8 @@ class EngineResult:
     shadow_loss_after: np.ndarray
     perturbation_norm: np.ndarray
     compute_seconds: float
+    cosine: np.ndarray  # (N,) resynth: cos(R(stored), R(z)); NaN for other protectors
+    steps: np.ndarray  # (N,) resynth: optimiser steps; NaN for other protectors
 
 
 class Engine:
@@ -61,7 +63,8 @@ class Engine:
 
         out = result.features.detach().cpu().numpy().astype(features.dtype, copy=False)  # .cpu() waits for the device
         return EngineResult(out, host(result.shadow_loss_before), host(result.shadow_loss_after),
-                            host(result.perturbation_norm), time.perf_counter() - start)
+                            host(result.perturbation_norm), time.perf_counter() - start, host(result.cosine),
+                            host(result.steps))
 
     def warm_up(self, faces: int = 2) -> float:
         """Runs one batch of random features so the first client batch pays no start-up cost."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,3 +44,16 @@ def progress(iterable: Any, total: int | None = None, desc: str = "", unit: str 
     """A tqdm bar that stays quiet when ADVFACE_NO_PROGRESS is set (CI logs, tests)."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
                 disable=bool(os.environ.get("ADVFACE_NO_PROGRESS")))
+
+
+def default_cache_dir() -> Path:
+    """Trained attackers: ``$ADVFACE_CACHE_DIR``, else ``$XDG_CACHE_HOME/advface/attackers``, else ``~/.cache/advface/attackers``."""
+    if os.environ.get("ADVFACE_CACHE_DIR"):
+        return Path(os.environ["ADVFACE_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "advface" / "attackers"
+
+
+def judge_cache_dir() -> Path:
+    """Judge/teacher embeddings, shared by distillation, fine-tuning and evaluation: beside the attackers."""
+    return default_cache_dir().parent / "judge"

@@ -107,3 +107,21 @@ def test_bundle_carries_r_and_the_start_feature(tiny_bundle: Path, tmp_path: Pat
     (tmp_path / "b" / "recognizer.safetensors").write_bytes(b"not weights")
     with pytest.raises(BundleError, match="recognizer.safetensors"):
         load_bundle(tmp_path / "b")
+
+
+def test_engine_serves_resynth_with_its_per_face_numbers(tiny_bundle: Path, tmp_path: Path) -> None:
+    from plugin_service.engine import Engine
+
+    bundle = load_bundle(tiny_bundle)
+    recognizer = Recognizer(RecognizerSpec(width=4, embedding_dim=16))
+    recognizer.extractor.load_facenet_state(bundle.extractor.facenet_state())
+    manifest = replace(bundle.manifest, recognizer=recognizer.spec)
+    save_bundle(tmp_path / "r", manifest, bundle.extractor, bundle.shadow, freeze(recognizer),
+                torch.rand(bundle.manifest.feature_shape))
+    engine = Engine(load_bundle(tmp_path / "r"), "cpu")
+    z = engine.bundle.extractor(torch.rand(2, 3, 160, 160)).numpy()
+    out = engine.protect(z, "resynth", ProtectorParams(steps=5))
+    assert out.features.shape == z.shape and out.features.dtype == z.dtype
+    assert ((out.cosine > -1) & (out.cosine <= 1)).all() and ((out.steps >= 0) & (out.steps <= 5)).all()
+    advface = engine.protect(z, "advface")
+    assert (advface.cosine != advface.cosine).all()  # NaN: not resynth's numbers

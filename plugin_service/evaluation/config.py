@@ -7,13 +7,13 @@ run still honours every option given explicitly and the report can print the exa
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from plugin_service.models.shadow import SHADOW_ARCHITECTURES
 from plugin_service.protect.registry import PROTECTORS, ProtectorParams
+from plugin_service.runtime import default_cache_dir, judge_cache_dir
 
 # Overrides that make every stage tiny: a smoke run of the whole pipeline in a few minutes on
 # two CPU cores. Attack widths differ from each other so that attacker != shadow even here.
@@ -32,20 +32,13 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "attack_max_identities": 40,
     "examples": 3,
     "tier_faces": 8,
+    "judge_faces": 8,
     "tier_attack_faces": 24,
     "tier_epochs": 1,
     "inversion_faces": 2,
     "inversion_steps": 3,
     "surrogate_epochs": 1,
 }
-
-
-def default_cache_dir() -> Path:
-    """``$ADVFACE_CACHE_DIR``, else ``$XDG_CACHE_HOME/advface/attackers``, else ``~/.cache/advface/attackers``."""
-    if os.environ.get("ADVFACE_CACHE_DIR"):
-        return Path(os.environ["ADVFACE_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "advface" / "attackers"
 
 
 @dataclass(frozen=True)
@@ -98,6 +91,7 @@ class EvaluationConfig:
     tier_attack_faces: int = 1024  # attacker faces for A1 decoders, the linkage student, the surrogate E
     tier_epochs: int = 8  # A1 decoders, the floor's decoder and the linkage student
     tier_lr: float = 1e-3  # A1 decoders: faster than the paper's 1e-4, the attacker is in a hurry
+    judge_faces: int | None = 300  # faces per reconstruction set the judge scores; None: all
     inversion_faces: int = 64  # A2 inversions are per-face optimisations: the first N privacy faces
     inversion_steps: int = 200
     inversion_lr: float = 0.3
@@ -155,7 +149,7 @@ class EvaluationConfig:
         return ProtectorParams(steps=self.pgd_steps, alpha=self.pgd_alpha, eps=self.protector_eps, **dp)
 
     def resolved_judge_cache_dir(self) -> Path:
-        return self.judge_cache_dir or default_cache_dir().parent / "judge"
+        return self.judge_cache_dir or judge_cache_dir()
 
     def resolved_cache_dir(self) -> Path | None:
         if not self.use_cache:

@@ -77,11 +77,11 @@ TARGETS = ("clean", "teacher", "identity")
 
 def _teacher_targets(images: torch.Tensor) -> torch.Tensor:
     """The judge's embeddings of the faces, centred (see training.distill), from the shared cache."""
-    from plugin_service.evaluation.config import default_cache_dir
     from plugin_service.judge import EmbeddingCache, load_judge
+    from plugin_service.runtime import judge_cache_dir
 
     judge = load_judge()
-    raw = EmbeddingCache(default_cache_dir().parent / "judge", judge.name).embed(images, judge.embed, desc="teacher")
+    raw = EmbeddingCache(judge_cache_dir(), judge.name).embed(images, judge.embed, desc="teacher")
     return raw - raw.mean(dim=0, keepdim=True)
 
 

@@ -46,12 +46,14 @@ class PassOutputs:
     shadow_loss_after: np.ndarray | None = None
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    features: torch.Tensor | None = None  # (N, C, H, W) float16 stored features, when kept
 
 
 @torch.no_grad()
 def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, protector: Protector,
              attackers: Mapping[str, nn.Module], heads: Mapping[str, Recognizer], recognizer: Recognizer,
-             batch_size: int, device: torch.device, examples: torch.Tensor, desc: str = "pass") -> PassOutputs:
+             batch_size: int, device: torch.device, examples: torch.Tensor, desc: str = "pass",
+             keep_features: bool = False) -> PassOutputs:
     """Streams ``images`` (uint8) through E, ``protector``, every attacker and every head.
 
     ``order`` fixes which faces share a protector batch; ``examples`` are face indices whose
@@ -67,11 +69,16 @@ def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, pr
     where = {int(face): k for k, face in enumerate(examples.tolist())}
     norms = np.zeros(n)
     before, after = np.full(n, np.nan), np.full(n, np.nan)
+    kept_features: torch.Tensor | None = None
     batches = order.split(batch_size)
     for idx in progress(batches, total=len(batches), desc=desc):
         x = images[idx].float().div(255.0).to(device)
         result = protector(extractor(x))
         stored = result.features
+        if keep_features:
+            if kept_features is None:
+                kept_features = torch.empty((n, *stored.shape[1:]), dtype=torch.float16)
+            kept_features[idx] = stored.to(torch.float16).cpu()
         rows = idx.numpy()
         norms[rows] = result.perturbation_norm.float().cpu().numpy()
         if result.shadow_loss_before is not None and result.shadow_loss_after is not None:
@@ -94,4 +101,4 @@ def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, pr
                                    recon_emb[name], kept[name]) for name in attackers}
     has_shadow = not np.isnan(before).all()
     return PassOutputs(attacks, feat_emb, norms, before if has_shadow else None, after if has_shadow else None,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, features=kept_features)

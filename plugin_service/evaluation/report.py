@@ -197,9 +197,9 @@ def _tiers(r: dict[str, Any], figures_made: dict[str, str]) -> list[str]:
              f"{t['inversion']['tv_weight']:g}). Judge: {t['judge']} (same image: distance < {t['judge_threshold']:g}; "
              f"SRRA: the project's recogniser at the clean threshold {t['srra_threshold']:.3f}). "
              "`embedding-only` is the floor: the same attacks on e = R(z) alone.", ""]
-    header = ["protector", "attack", "faces", "SSIM", "PSNR dB", "dlib same-image", "dlib rank-1", "SRRA"]
+    header = ["protector", "attack", "faces (judged)", "SSIM", "PSNR dB", "dlib same-image", "dlib rank-1", "SRRA"]
     for tier in ("A0", "A1", "A2"):
-        rows = [[row["protector"], row["attack"], str(row["faces"]), fmt(row["ssim"], "ssim"), fmt(row["psnr"], "psnr"),
+        rows = [[row["protector"], row["attack"], f"{row['faces']} ({row.get('judged_faces', row['faces'])})", fmt(row["ssim"], "ssim"), fmt(row["psnr"], "psnr"),
                  fmt(row["dlib_same"], "rate"), fmt(row["dlib_rank1"], "rate"), fmt(row["srra"], "rate")]
                 for row in t["rows"] if row["tier"] == tier]
         lines += [f"### {TIER_TITLES[tier]}", "", *_table(header, rows)]

@@ -71,6 +71,9 @@ class PassRunner:
         self.clean, self.threshold, self.device = clean, threshold, device
         self.order = batch_order(len(faces), cfg.seed)
         self.examples = pick_examples(faces.names, cfg.examples)
+        # The tiers attack the very features the main table stored, when they score every face.
+        self.keep_features = cfg.tiers and (cfg.tier_faces is None or cfg.tier_faces >= len(faces))
+        self.stored: dict[str, torch.Tensor] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.example_images: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -85,7 +88,10 @@ class PassRunner:
         label += f" shadow={shadow_label}" if name == "advface" else ""
         log.info("pass: %s", label)
         out = run_pass(self.faces.images, self.order, self.bundle.extractor, protector, self.attackers, self.heads,
-                       self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name)
+                       self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name,
+                       keep_features=self.keep_features and shadow is None and name not in self.stored)
+        if out.features is not None and params == self.cfg.protector_params():
+            self.stored[name] = out.features
         record = self._summarise(name, protector.params(), shadow_label if name == "advface" else None, out)
         log.info("pass %s took %.1f s", label, out.seconds)
         self.records[key] = record
@@ -207,7 +213,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
         judge_cache = EmbeddingCache(cfg.resolved_judge_cache_dir(), judge.name)
         tiers, tier_examples = run_tiers(cfg, bundle, heads[PRIMARY], faces, attack, paper_attackers[cfg.attackers[0]],
                                          protectors, threshold, judge, ModelCache(cfg.resolved_cache_dir()),
-                                         judge_cache, device)
+                                         judge_cache, device, passes.stored)
 
     results: dict[str, Any] = {
         "meta": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),

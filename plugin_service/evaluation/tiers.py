@@ -148,23 +148,28 @@ class TierRunner:
         rows = rows or slice(0, len(recon))
         x = c.images[rows].float().div(255)
         names = c.names[rows]
-        judged = c.judge_embed(recon, desc=f"judge {protector} {attack}")
+        judged_n = min(len(recon), c.cfg.judge_faces or len(recon))  # dlib costs ~70 ms a face on one core
+        judged = c.judge_embed(recon[:judged_n], desc=f"judge {protector} {attack}")
+        original = c.originals_judge[rows][:judged_n]
         emb = torch.cat([c.recognizer(recon[i : i + 64].to(c.device)).float().cpu() for i in range(0, len(recon), 64)])
         srra = float((F.cosine_similarity(emb, c.originals_embedding[rows], dim=1) >= c.threshold).float().mean())
-        row = {"protector": protector, "tier": tier, "attack": attack, "faces": len(recon),
+        row = {"protector": protector, "tier": tier, "attack": attack, "faces": len(recon), "judged_faces": judged_n,
                "ssim": float(ssim(recon, x).mean()), "psnr": float(psnr(recon, x).mean()),
-               "dlib_same": same_image_rate(judged, c.originals_judge[rows]),
-               "dlib_rank1": rank1(judged, names, c.gallery), "srra": srra}
+               "dlib_same": same_image_rate(judged, original),
+               "dlib_rank1": rank1(judged, names[:judged_n], c.gallery), "srra": srra}
         log.info("%s %s %s: SSIM %.3f PSNR %.2f dlib same %.3f rank-1 %.3f SRRA %.3f", protector, tier, attack,
                  row["ssim"], row["psnr"], row["dlib_same"], row["dlib_rank1"], row["srra"])
         self.rows.append(row)
         k = min(c.cfg.examples, len(recon))
         self.examples.setdefault(protector, {})[f"{tier} {attack}"] = recon[:k]
 
-    def run(self, protector: str, defender: StoreFn, attacker: StoreFn, floor: bool) -> None:
+    def run(self, protector: str, defender: StoreFn, attacker: StoreFn, floor: bool,
+            stored: torch.Tensor | None = None) -> None:
+        """All tiers against ``protector``; ``stored`` is the defender's output when already computed."""
         c, cfg = self.ctx, self.ctx.cfg
         started = time.perf_counter()
-        stored = store_all(defender, c.images, cfg.batch_size, c.device, cfg.seed, f"{protector}: defender stores")
+        if stored is None:
+            stored = store_all(defender, c.images, cfg.batch_size, c.device, cfg.seed, f"{protector}: defender stores")
         own = store_all(attacker, c.attacker.images, cfg.batch_size, c.device, cfg.seed + 1,
                         f"{protector}: attacker's copy")
         k = min(cfg.inversion_faces, len(stored))
@@ -240,9 +245,15 @@ def _storers(name: str, cfg: EvaluationConfig, bundle: Bundle, own_shadow: Train
 
 def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, faces: EvalFaces, attack: AttackData,
               a0: TrainedNet, protectors: list[str], threshold: float, judge: DlibFaceRecognizer, cache: ModelCache,
-              judge_cache: EmbeddingCache, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(results['tiers'], example reconstructions per protector and attack) for every protector and the floor."""
+              judge_cache: EmbeddingCache, device: torch.device,
+              stored: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results['tiers'], example reconstructions per protector and attack) for every protector and the floor.
+
+    ``stored`` holds the main table's stored features of every evaluation face (in face order), which
+    the tiers then attack instead of protecting the faces a second time.
+    """
     started = time.perf_counter()
+    stored = stored or {}
     chosen = select_privacy_faces(faces, cfg.tier_faces, cfg.seed)
     images = faces.images[chosen]
     names = [faces.names[i] for i in chosen.tolist()]
@@ -269,7 +280,8 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
                                        attack.attacker, fingerprint(attack.attacker), bundle, cache, device)
     for name in protectors:
         defender, attacker_copy = _storers(name, cfg, bundle, own_shadow, base, device)
-        runner.run(name, defender, attacker_copy, floor=False)
+        runner.run(name, defender, attacker_copy, floor=False,
+                   stored=stored[name][chosen] if name in stored else None)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         return recognizer(x)

@@ -110,6 +110,9 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
         pgd = bundle.manifest.pgd
         if (problem := policy.check_defaults(pgd.steps, pgd.eps)) is not None:
             raise StartupError(f"refusing to serve bundle {bundle.version}: {problem}")
+        if "resynth" in policy.protectors and bundle.manifest.recognizer is None:
+            raise StartupError(f"refusing to offer resynth: bundle {bundle.version} carries no recogniser R; add it with "
+                               "`advface bundle-add-recognizer` or drop resynth from --protectors")
         value_range = _feature_range(bundle.manifest.feature_bound, settings)
     except StartupError:
         await server.stop(0)

@@ -53,6 +53,12 @@ class ServiceMetrics:
                               buckets=GAIN_BUCKETS, registry=r)
         self.perturbation = Histogram("advface_perturbation_norm", "Per face: norm of the added perturbation",
                                       buckets=NORM_BUCKETS, registry=r)
+        self.resynth_cosine = Histogram("advface_resynth_cosine",
+                                        "Per face (resynth): cos(R(stored), R(z)) reached; below the target means "
+                                        "the step limit ran out", buckets=(0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.995, 1.0),
+                                        registry=r)
+        self.resynth_steps = Histogram("advface_resynth_steps", "Per face (resynth): optimiser steps taken",
+                                       buckets=(5, 10, 20, 30, 40, 60, 80, 100, 150, 200), registry=r)
         self.wire_in = Counter("advface_wire_received_bytes", "Protobuf bytes of batch requests received", registry=r)
         self.wire_out = Counter("advface_wire_sent_bytes", "Protobuf bytes of batch responses sent", registry=r)
         self.reserved = Gauge("advface_memory_budget_reserved_bytes",

@@ -291,6 +291,10 @@ class GuardServicer(pb_grpc.AdvFaceGuardServicer):
             if before > 0:
                 m.gain.observe(float(after / before))
             m.perturbation.observe(float(norm))
+        for cosine, steps in zip(out.cosine, out.steps, strict=True):
+            if cosine == cosine:  # NaN for protectors other than resynth
+                m.resynth_cosine.observe(float(cosine))
+                m.resynth_steps.observe(float(steps))
         elapsed = time.perf_counter() - received
         m.latency.observe(elapsed)
         log.debug("batch %r: %d faces, %s, %.0f ms", shown_id(batch.batch_id), n, protector, elapsed * 1e3)

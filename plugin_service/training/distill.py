@@ -28,7 +28,7 @@ from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, RecognizerSpec, embed_images
 from plugin_service.pairs import load_eval_faces
-from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
+from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
 from plugin_service.training.loop import Checkpointer
 from plugin_service.verification import verify
 
@@ -53,7 +53,7 @@ class DistillTraining:
     ce_weight: float = 0.0  # > 0 adds identity cross-entropy over the folders' labels
     seed: int = 0
     device: str = "auto"
-    cache_dir: Path = Path(".cache/teacher")
+    cache_dir: Path | None = None  # None: runtime.judge_cache_dir(), shared with evaluation
     limit_per_identity: int | None = None
     monitor: tuple[Path, Path] | None = None  # (pairs file, root): accuracy logged after every epoch
     report: tuple[tuple[Path, Path], ...] = field(default_factory=tuple)  # (pairs, root) scored at the end
@@ -115,7 +115,7 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     faces = load_face_folders(cfg.data, cfg.limit_per_identity)
-    cache = EmbeddingCache(cfg.cache_dir, teacher_name)
+    cache = EmbeddingCache(cfg.cache_dir or judge_cache_dir(), teacher_name)
     raw = cache.embed(faces.images, teacher, desc=f"teacher {teacher_name}")
     # Centred: every dlib descriptor shares a large common component (two strangers' raw vectors
     # have cosine ~0.8), so without centring a student that outputs the mean direction already
