@@ -56,7 +56,21 @@ def test_report_files_exist_and_results_json_is_what_the_run_returned(run: tuple
         assert (cfg.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     on_disk = json.loads((cfg.out / RESULTS).read_text())
     assert on_disk == json.loads(json.dumps(_clean(results)))
-    assert on_disk["figures"] == FIGURES
+    assert on_disk["figures"] == {**FIGURES, **{f"tier_{t}": f"tier_{t}.png" for t in ("A0", "A1", "A2")}}
+
+
+@pytest.mark.slow
+def test_every_tier_runs_against_every_protector_and_the_floor(run: tuple[EvaluationConfig, dict]) -> None:
+    _, results = run
+    tiers = results["tiers"]
+    protectors = [*results["main"], "embedding-only"]
+    for name in protectors:
+        seen = {row["tier"] for row in tiers["rows"] if row["protector"] == name}
+        assert seen == {"A0", "A1", "A2"}, (name, seen)
+        assert 0.0 <= tiers["linkage_rank1"][name] <= 1.0
+    for row in tiers["rows"]:
+        assert -1.0 <= row["ssim"] <= 1.0 and 0.0 <= row["dlib_same"] <= 1.0 and 0.0 <= row["srra"] <= 1.0
+    assert 0 < tiers["chance_rank1"] <= 1.0
 
 
 @pytest.mark.slow
