@@ -90,6 +90,6 @@ def verify(left_emb: torch.Tensor, right_emb: torch.Tensor, pairs: PairIndex) ->
     return kfold_accuracy(pair_scores(left_emb, right_emb, pairs), pairs.same, pairs.folds)
 
 
-def verification_summary(result: VerificationResult) -> dict[str, float | list[float]]:
+def verification_summary(result: VerificationResult) -> dict[str, float | list[float] | dict[str, float]]:
     return {"accuracy": result.accuracy, "std": result.std, "threshold": result.threshold,
-            "fold_accuracies": list(result.fold_accuracies)}
+            "fold_accuracies": list(result.fold_accuracies), "tar_at_far": dict(result.tar_at_far)}

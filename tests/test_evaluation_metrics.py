@@ -128,3 +128,14 @@ def test_pick_examples_takes_different_identities() -> None:
     assert len(picked) == 3 and len({names[i] for i in picked}) == 3
     assert pick_examples(names, 10).tolist() == [0, 2, 3, 5]
     assert pick_examples(names, 0).numel() == 0
+
+
+def test_tar_at_far_accepts_at_most_the_allowed_impostors() -> None:
+    from plugin_service.verification import tar_at_far
+
+    genuine = [0.9, 0.8, 0.7, 0.2]
+    impostors = [0.1] * 99 + [0.75]
+    scores = np.array(genuine + impostors)
+    same = np.array([True] * 4 + [False] * 100)
+    assert tar_at_far(scores, same, 1e-2) == 1.0  # one impostor may pass: the 0.75 one
+    assert tar_at_far(scores, same, 1e-3) == 0.5  # none may pass: only genuine above 0.75

@@ -48,6 +48,7 @@ from plugin_service.evaluation.protection import make_protector
 from plugin_service.faces import FaceSet, list_images, load_face
 from plugin_service.image_metrics import psnr, ssim
 from plugin_service.judge import DlibFaceRecognizer, EmbeddingCache
+from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import Recognizer
 from plugin_service.pairs import EvalFaces
 from plugin_service.protect.base import Protector
@@ -151,7 +152,8 @@ class TierRunner:
         judged_n = min(len(recon), c.cfg.judge_faces or len(recon))  # dlib costs ~70 ms a face on one core
         judged = c.judge_embed(recon[:judged_n], desc=f"judge {protector} {attack}")
         original = c.originals_judge[rows][:judged_n]
-        emb = torch.cat([c.recognizer(recon[i : i + 64].to(c.device)).float().cpu() for i in range(0, len(recon), 64)])
+        with torch.no_grad():
+            emb = torch.cat([c.recognizer(recon[i : i + 64].to(c.device)).float().cpu() for i in range(0, len(recon), 64)])
         srra = float((F.cosine_similarity(emb, c.originals_embedding[rows], dim=1) >= c.threshold).float().mean())
         row = {"protector": protector, "tier": tier, "attack": attack, "faces": len(recon), "judged_faces": judged_n,
                "ssim": float(ssim(recon, x).mean()), "psnr": float(psnr(recon, x).mean()),
@@ -253,6 +255,7 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
     the tiers then attack instead of protecting the faces a second time.
     """
     started = time.perf_counter()
+    freeze(recognizer)  # attacks differentiate through R, never into it (and keep no graph of its weights)
     stored = stored or {}
     chosen = select_privacy_faces(faces, cfg.tier_faces, cfg.seed)
     images = faces.images[chosen]
