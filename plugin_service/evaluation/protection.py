@@ -8,6 +8,7 @@ to delta = 0) and saves 40 shadow passes per batch in the trade-off sweep.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -41,19 +42,25 @@ def with_eps(params: ProtectorParams, name: str, value: float) -> ProtectorParam
     return replace(params, dp_epsilon=value) if name == "dp" else replace(params, eps=value)
 
 
-@torch.no_grad()
 def protect_dataset(images: torch.Tensor, extractor: nn.Module, protector: Protector, order: torch.Tensor,
                     batch_size: int, device: torch.device, desc: str = "protecting") -> torch.Tensor:
-    """protector(E(x)) for every uint8 face, in batches taken in ``order``; float16 on the CPU.
+    """protector(E(x)) for every uint8 face, in batches taken in ``order``; float16 on the CPU."""
+    return store_dataset(lambda x: protector(extractor(x)).features, images, order, batch_size, device, desc)
 
-    float16 halves the memory of a few thousand 64x77x77 features (0.76 MB each), and its
-    relative precision (1e-3) is far below any perturbation being studied.
+
+@torch.no_grad()
+def store_dataset(store: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, order: torch.Tensor,
+                  batch_size: int, device: torch.device, desc: str = "storing") -> torch.Tensor:
+    """``store(x)`` for every uint8 face x (as [0, 1] floats), in batches taken in ``order``; float16 on the CPU.
+
+    Batches follow ``order`` because AdvFace normalises with batch statistics. float16 halves the
+    memory of a few thousand 64x77x77 features (0.76 MB each), and its relative precision (1e-3)
+    is far below any perturbation being studied.
     """
     out: torch.Tensor | None = None
     batches = order.split(batch_size)
     for idx in progress(batches, total=len(batches), desc=desc):
-        x = images[idx].float().div(255.0).to(device)
-        features = protector(extractor(x)).features.to(torch.float16).cpu()
+        features = store(images[idx].float().div(255.0).to(device)).to(torch.float16).cpu()
         if out is None:
             out = torch.empty((len(images), *features.shape[1:]), dtype=torch.float16)
         out[idx] = features

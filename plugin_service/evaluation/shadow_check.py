@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from plugin_service.bundle import load_bundle
+from plugin_service.evaluation.protection import make_protector, with_eps
 from plugin_service.image_metrics import psnr, ssim
 from plugin_service.models.recognizer import Recognizer
 from plugin_service.models.shadow import count_parameters, flops_per_face
 from plugin_service.pairs import load_eval_faces
-from plugin_service.protect import build_protector
-from plugin_service.protect.pgd import AdvFace
+from plugin_service.protect import ProtectorParams, build_protector
 from plugin_service.runtime import pick_device, progress
 from plugin_service.verification import verify
 
@@ -52,8 +52,7 @@ def shadow_check(data: Path, pairs: Path, bundle_path: Path | None, recognizer: 
     faces = load_eval_faces(data, pairs, pairs_per_fold)
     order = torch.randperm(len(faces), generator=torch.Generator().manual_seed(seed))
     engine = build_protector("advface", bundle)
-    assert isinstance(engine, AdvFace)
-    round_trip = replace_steps(engine)
+    round_trip = make_protector("advface", bundle, with_eps(ProtectorParams(), "advface", 0.0))  # E(S(z)) alone
     n = len(faces)
     emb: dict[str, torch.Tensor] = {}
     sums = torch.zeros(5, dtype=torch.float64)
@@ -81,11 +80,6 @@ def shadow_check(data: Path, pairs: Path, bundle_path: Path | None, recognizer: 
     return ShadowCheck(str(bundle.path), f"{spec.arch} w{spec.width} d{spec.depth}", count_parameters(bundle.shadow),
                        flops_per_face(bundle.shadow, shape) / 1e9, n, a, b, c, d, e, seconds / n,
                        acc.get("clean"), acc.get("eps0"), acc.get("advface"))
-
-
-def replace_steps(engine: AdvFace) -> AdvFace:
-    """The same engine at eps 0: the stored feature is E(S(z)), the shadow's round trip alone."""
-    return AdvFace(engine.extractor, engine.shadow, eps=0.0, alpha=engine.alpha, steps=0, norm=engine.norm)
 
 
 def format_table(rows: list[ShadowCheck]) -> str:

@@ -44,7 +44,7 @@ from plugin_service.evaluation.inversion import (
     invert,
 )
 from plugin_service.evaluation.linkage import predict, train_linkage_student
-from plugin_service.evaluation.protection import make_protector
+from plugin_service.evaluation.protection import make_protector, store_dataset
 from plugin_service.faces import FaceSet, list_images, load_face
 from plugin_service.image_metrics import psnr, ssim
 from plugin_service.judge import DlibFaceRecognizer, EmbeddingCache
@@ -58,7 +58,6 @@ from plugin_service.training.reconstruction import ReconstructionTraining, fit_r
 
 log = logging.getLogger(__name__)
 FLOOR = "embedding-only"
-TIERS = ("A0", "A1", "A2", "A3")
 StoreFn = Callable[[torch.Tensor], torch.Tensor]  # images in [0, 1] (N, 3, 160, 160) -> stored values
 
 
@@ -114,21 +113,6 @@ def build_gallery(root: Path, names: list[str], paths: list[Path], judge_embed: 
 
 
 @torch.no_grad()
-def store_all(store: StoreFn, images: torch.Tensor, batch_size: int, device: torch.device, seed: int,
-              desc: str) -> torch.Tensor:
-    """``store`` over uint8 faces in seeded batches (AdvFace normalises per batch); float16 on the CPU."""
-    out: torch.Tensor | None = None
-    order = batch_order(len(images), seed)
-    for idx in progress(order.split(batch_size), desc=desc):
-        stored = store(images[idx].float().div(255).to(device)).to(torch.float16).cpu()
-        if out is None:
-            out = torch.empty((len(images), *stored.shape[1:]), dtype=torch.float16)
-        out[idx] = stored
-    assert out is not None
-    return out
-
-
-@torch.no_grad()
 def decode_all(model: nn.Module, stored: torch.Tensor, device: torch.device, batch_size: int = 32) -> torch.Tensor:
     model.eval()
     return torch.cat([model(stored[i : i + batch_size].float().to(device)).float().clamp(0, 1).cpu()
@@ -171,9 +155,10 @@ class TierRunner:
         c, cfg = self.ctx, self.ctx.cfg
         started = time.perf_counter()
         if stored is None:
-            stored = store_all(defender, c.images, cfg.batch_size, c.device, cfg.seed, f"{protector}: defender stores")
-        own = store_all(attacker, c.attacker.images, cfg.batch_size, c.device, cfg.seed + 1,
-                        f"{protector}: attacker's copy")
+            stored = store_dataset(defender, c.images, batch_order(len(c.images), cfg.seed), cfg.batch_size, c.device,
+                                   f"{protector}: defender stores")
+        own = store_dataset(attacker, c.attacker.images, batch_order(len(c.attacker.images), cfg.seed + 1),
+                            cfg.batch_size, c.device, f"{protector}: attacker's copy")
         k = min(cfg.inversion_faces, len(stored))
         settings = InversionSettings(cfg.inversion_steps, cfg.inversion_lr, cfg.inversion_tv, batch_size=32)
         if floor:

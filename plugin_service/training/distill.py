@@ -26,11 +26,10 @@ from torch import nn
 
 from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
-from plugin_service.models.recognizer import Recognizer, RecognizerSpec, embed_images
-from plugin_service.pairs import load_eval_faces
+from plugin_service.models.recognizer import Recognizer, RecognizerSpec
 from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
 from plugin_service.training.loop import Checkpointer
-from plugin_service.verification import verify
+from plugin_service.training.recognizer import pairs_report
 
 log = logging.getLogger(__name__)
 TEACHERS = ("dlib",)
@@ -91,16 +90,6 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean 1 - cos between student and (centred) teacher embeddings, both normalised here."""
     return (1 - F.cosine_similarity(student, F.normalize(teacher, dim=1), dim=1)).mean()
-
-
-def pairs_report(model: Recognizer, pairs: Path, root: Path, device: torch.device) -> dict[str, float]:
-    """10-fold accuracy, fold spread and TAR@FAR of ``model`` on an LFW-format pairs file."""
-    faces = load_eval_faces(root, pairs)
-    model.eval()
-    emb = embed_images(model, faces.images, device, desc=f"embedding {Path(pairs).name}")
-    r = verify(emb, emb, faces.pairs)
-    return {"pairs": len(faces.pairs), "accuracy": r.accuracy, "std": r.std,
-            **{f"tar@far={k}": v for k, v in r.tar_at_far.items()}}
 
 
 def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,

@@ -54,12 +54,14 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, dy[i] : dy[i] + 160, dx[i] : dx[i] + 160] for i in range(n)])
 
 
-def verification_accuracy(model: Recognizer, pairs_file: Path, root: Path, device: torch.device) -> float:
-    """Clean 10-fold verification accuracy on an LFW-format pairs file, as `advface evaluate` measures it."""
-    faces = load_eval_faces(root, pairs_file)
+def pairs_report(model: Recognizer, pairs: Path, root: Path, device: torch.device) -> dict[str, float]:
+    """10-fold accuracy, fold spread and TAR@FAR of ``model`` on an LFW-format pairs file, as `evaluate` measures it."""
+    faces = load_eval_faces(root, pairs)
     model.eval()
-    embeddings = embed_images(model, faces.images, device)
-    return verify(embeddings, embeddings, faces.pairs).accuracy
+    emb = embed_images(model, faces.images, device, desc=f"embedding {Path(pairs).name}")
+    r = verify(emb, emb, faces.pairs)
+    return {"pairs": len(faces.pairs), "accuracy": r.accuracy, "std": r.std,
+            **{f"tar@far={k}": v for k, v in r.tar_at_far.items()}}
 
 
 def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
@@ -97,7 +99,7 @@ def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
     model.eval()
     extra = {"data": str(cfg.data), "epochs": str(cfg.epochs), "seed": str(cfg.seed)}
     if cfg.pairs is not None:
-        acc = verification_accuracy(model, cfg.pairs, cfg.pairs_root or cfg.pairs.parent, device)
+        acc = pairs_report(model, cfg.pairs, cfg.pairs_root or cfg.pairs.parent, device)["accuracy"]
         extra["verification_accuracy"] = f"{acc:.4f}"
         log.info("verification accuracy on %s: %.4f", cfg.pairs, acc)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
