@@ -67,7 +67,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "examples": args.examples, "cache_dir": args.cache_dir, "device": args.device, "seed": args.seed,
         "tier_faces": args.tier_faces, "tier_attack_faces": args.tier_attack_faces, "tier_epochs": args.tier_epochs,
         "inversion_faces": args.inversion_faces, "judge_faces": args.judge_faces, "inversion_steps": args.inversion_steps,
-        "surrogate_epochs": args.surrogate_epochs, "judge_cache_dir": args.judge_cache_dir,
+        "surrogate_epochs": args.surrogate_epochs, "gallery_distractors": args.gallery_distractors, "judge_cache_dir": args.judge_cache_dir,
     }
     if args.no_tiers:
         fields["tiers"] = False
@@ -149,6 +149,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     g.add_argument("--tier-faces", type=int, help="privacy faces the tiers score (default: 1024)")
     g.add_argument("--tier-attack-faces", type=int, help="attacker faces for A1 decoders, linkage and surrogate E (default: 1024)")
     g.add_argument("--tier-epochs", type=int, help="epochs of A1 decoders, the floor decoder and the linkage student (default: 8)")
+    g.add_argument("--gallery-distractors", type=int,
+                   help="identities beyond the probes' in the rank-1 gallery, one photo each (default: 1000)")
     g.add_argument("--judge-faces", type=int, help="faces per reconstruction set the dlib judge scores (default: 300)")
     g.add_argument("--inversion-faces", type=int, help="faces each A2 inversion runs on (default: 64)")
     g.add_argument("--inversion-steps", type=int, help="Adam steps per A2 inversion (default: 200)")

@@ -33,6 +33,7 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "examples": 3,
     "tier_faces": 8,
     "judge_faces": 8,
+    "gallery_distractors": 4,
     "tier_attack_faces": 24,
     "tier_epochs": 1,
     "inversion_faces": 2,
@@ -91,6 +92,7 @@ class EvaluationConfig:
     tier_attack_faces: int = 1024  # attacker faces for A1 decoders, the linkage student, the surrogate E
     tier_epochs: int = 8  # A1 decoders, the floor's decoder and the linkage student
     tier_lr: float = 1e-3  # A1 decoders: faster than the paper's 1e-4, the attacker is in a hurry
+    gallery_distractors: int = 1000  # identities beyond the probes' in the rank-1 gallery (one photo each)
     judge_faces: int | None = 300  # faces per reconstruction set the judge scores; None: all
     inversion_faces: int = 64  # A2 inversions are per-face optimisations: the first N privacy faces
     inversion_steps: int = 200

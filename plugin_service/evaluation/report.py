@@ -191,7 +191,7 @@ def _tiers(r: dict[str, Any], figures_made: dict[str, str]) -> list[str]:
         return []
     lines = ["## Attacker tiers", "",
              f"{t['privacy_faces']} privacy faces of {t['privacy_identities']} identities; gallery of one other photo of "
-             f"{t['gallery_identities']} identities (rank-1 chance {fmt(t['chance_rank1'], 'rate')}); attackers trained on "
+             f"{t['gallery_identities']} identities, {t.get('gallery_distractors', 0)} of them distractors that no probe shows (rank-1 chance {fmt(t['chance_rank1'], 'rate')}); attackers trained on "
              f"{t['attacker_faces']} faces of {t['attacker_identities']} identities of their own half; A2 on the first "
              f"{t['inversion_faces']} faces ({t['inversion']['steps']} Adam steps, lr {t['inversion']['lr']:g}, TV "
              f"{t['inversion']['tv_weight']:g}). Judge: {t['judge']} (same image: distance < {t['judge_threshold']:g}; "

@@ -96,11 +96,20 @@ def select_privacy_faces(faces: EvalFaces, limit: int | None, seed: int) -> torc
     return order[:limit] if limit else order
 
 
-def build_gallery(root: Path, names: list[str], paths: list[Path], judge_embed: Callable[[torch.Tensor], torch.Tensor]) -> Gallery:
-    """One photo per identity that is none of the probes, from the evaluation folder."""
+def build_gallery(root: Path, names: list[str], paths: list[Path], judge_embed: Callable[[torch.Tensor], torch.Tensor],
+                  distractors: int = 0, seed: int = 0) -> Gallery:
+    """One photo per identity that is none of the probes, from the evaluation folder.
+
+    ``distractors`` more identities of the same folder (seeded choice, one photo each) make rank-1
+    harder to reach by luck: chance falls to 1 / gallery size, as in an open identification search.
+    """
     probes = {Path(p) for p in paths}
+    probe_names = sorted(set(names))
+    others = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and d.name not in set(probe_names))
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed)).tolist()
+    candidates = probe_names + [others[i] for i in order[:distractors]]
     chosen: dict[str, Path] = {}
-    for name in sorted(set(names)):
+    for name in candidates:
         for candidate in list_images(Path(root) / name):
             if candidate not in probes:
                 chosen[name] = candidate
@@ -247,7 +256,8 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
     names = [faces.names[i] for i in chosen.tolist()]
     paths = [faces.paths[i] for i in chosen.tolist()]
     originals_judge = judge_cache.embed(images, judge.embed, desc="judge: privacy faces")
-    gallery = build_gallery(cfg.data, names, paths, lambda x: judge_cache.embed(x, judge.embed, desc="judge: gallery"))
+    gallery = build_gallery(cfg.data, names, paths, lambda x: judge_cache.embed(x, judge.embed, desc="judge: gallery"),
+                            cfg.gallery_distractors, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(attack.attacker), generator=generator)[: cfg.tier_attack_faces]
     attacker = attack.attacker.take(pick.sort().values)
@@ -277,6 +287,7 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
     runner.run(FLOOR, embed, embed, floor=True)
     results = {
         "privacy_faces": len(images), "privacy_identities": len(set(names)), "gallery_identities": len(gallery.identities),
+        "gallery_distractors": len(set(gallery.identities) - set(names)),
         "chance_rank1": gallery.chance, "attacker_faces": len(attacker), "attacker_identities": len(attacker.identities),
         "inversion_faces": min(cfg.inversion_faces, len(images)),
         "inversion": {"steps": cfg.inversion_steps, "lr": cfg.inversion_lr, "tv_weight": cfg.inversion_tv},
