@@ -76,9 +76,13 @@ def test_batch_statistics_couple_batch_mates_and_leave_running_stats_alone() -> 
 
 
 def test_engine_takes_no_weight_gradients() -> None:
+    """PGD differentiates with respect to delta only, even if a caller left the weights trainable."""
     extractor, shadow = _models()
-    AdvFace(extractor, shadow, steps=2)(extractor(torch.rand(2, 3, 160, 160)))
-    assert all(p.grad is None for p in shadow.parameters())
+    for net in (extractor, shadow):
+        net.requires_grad_(True)
+    AdvFace(extractor, shadow, steps=2)(extractor(torch.rand(2, 3, 160, 160)).detach())
+    params = [*shadow.parameters(), *extractor.parameters()]
+    assert params and all(p.grad is None for p in params)
 
 
 def test_random_noise_respects_its_bound() -> None:
