@@ -54,7 +54,7 @@ def bench_service(bundle_path: Path | None, device: str, batch: int, batches: in
 
     from plugin_service.config import ServerSettings
     from plugin_service.server.app import drain_and_stop, start_server
-    from plugin_service.server.codec import Options
+    from advface.codec import Options
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

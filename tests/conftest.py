@@ -25,7 +25,7 @@ from plugin_service.server.metrics import ServiceMetrics  # noqa: E402
 
 def edited_request(batch_id: str, z, options=None, **fields: object):  # noqa: ANN001, ANN201
     """A one-message ProtectRequest for ``z`` with some fields overwritten, to build malformed batches."""
-    from plugin_service.server.codec import Options, encode_request
+    from advface.codec import Options, encode_request
 
     (msg,) = encode_request(batch_id, z, options or Options(), chunk_bytes=8 << 20)
     for k, v in fields.items():

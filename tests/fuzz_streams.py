@@ -19,7 +19,7 @@ import numpy as np
 from advface.v1 import plugin_pb2 as pb
 from hypothesis import strategies as st
 
-from plugin_service.server.codec import Options, encode_request
+from advface.codec import Options, encode_request
 
 IA, OK, DE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED
 TIMEOUT = "timeout"  # an event in the message sequence: the pending batch's chunk timer fires

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from advface.v1 import plugin_pb2 as pb
 
-from plugin_service.server.codec import (
+from advface.codec import (
     BatchError,
     BatchLimits,
     FaceStat,

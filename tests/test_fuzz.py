@@ -22,7 +22,7 @@ from advface.v1 import plugin_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin_service.server.codec import BatchError, BatchLimits, decode_response_chunks, encode_request, response_id
+from advface.codec import BatchError, BatchLimits, decode_response_chunks, encode_request, response_id
 from plugin_service.server.reassembly import Failed, Slots, StreamAssembler
 from tests.fuzz_streams import OK, TIMEOUT, Program, Space, programs
 

@@ -19,15 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "protos"))
+    sys.path.insert(0, str(ROOT / "clients"))
     try:
-        from generate import generate  # type: ignore[import-not-found]
+        from generate_stubs import generate  # type: ignore[import-not-found]
     finally:
         sys.path.pop(0)
     generate(tmp_path)
     for name in ("plugin_pb2.py", "plugin_pb2.pyi", "plugin_pb2_grpc.py"):
         fresh = (tmp_path / "advface" / "v1" / name).read_text()
-        assert fresh == (ROOT / "protos" / "advface" / "v1" / name).read_text(), f"{name} is stale: run protos/generate.py"
+        assert fresh == (ROOT / "clients" / "advface" / "v1" / name).read_text(), f"{name} is stale: run clients/generate_stubs.py"
 
 
 def _parse(argv: list[str]) -> ServerSettings:

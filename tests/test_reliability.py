@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from plugin_service.bundle import PGDDefaults
-from plugin_service.server.codec import UNARY_MAX_BYTES, decode_response_chunks, encode_request, retry_delay
+from advface.codec import UNARY_MAX_BYTES, decode_response_chunks, encode_request, retry_delay
 from tests.conftest import TINY_SHADOW, LiveServer, edited_request, make_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,7 +263,7 @@ def test_health_and_reflection_are_not_counted_as_requests(live_server: LiveServ
 KILLED_CLIENT = """
 import sys, threading, grpc, numpy as np
 from advface.v1 import plugin_pb2_grpc as pb_grpc
-from plugin_service.server.codec import encode_request
+from advface.codec import encode_request
 def requests():
     for i in range(3):
         yield from encode_request(f"k{i}", np.full((1, 64, 77, 77), 0.25, np.float32))
@@ -287,7 +287,7 @@ def test_in_flight_gauge_returns_to_zero_when_a_waiting_stream_goes_away(start_l
         if how == "cancelled":
             client = HeldStream(live.address, [m for i in range(3) for m in encode_request(f"k{i}", features(1))])
         else:
-            env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'protos'}"}
+            env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients'}"}
             client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, live.address], env=env)
         # k0 on the device, k1 queued, k2 waiting for room in the queue: three in flight
         wait(live, lambda: state.in_flight == 3)

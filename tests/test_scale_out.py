@@ -29,7 +29,7 @@ import pytest
 from advface_client.client import GuardClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from plugin_service.server.codec import BatchError
+from advface.codec import BatchError
 from tests.conftest import free_port
 from tests.test_deploy_support import ROOT, require_tool
 

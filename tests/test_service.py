@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from plugin_service.bundle import load_bundle
 from plugin_service.models.shadow import batch_statistics
-from plugin_service.server.codec import decode_response_chunks, encode_request
+from advface.codec import decode_response_chunks, encode_request
 from tests.conftest import LiveServer, edited_request, free_port
 
 RNG = np.random.default_rng(0)

@@ -49,7 +49,7 @@ def load_client_extractor(bundle: Path | None, facenet_weights: Path | None):  #
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     from advface_client.enroll import enroll
-    from plugin_service.server.codec import Options
+    from advface.codec import Options
 
     with _client(args) as client:
         info = client.info()

@@ -29,7 +29,7 @@ from advface.v1 import plugin_pb2 as pb
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from grpc_status import rpc_status
 
-from plugin_service.server.codec import (
+from advface.codec import (
     DEFAULT_CHUNK_BYTES,
     UNARY_MAX_BYTES,
     BatchError,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from advface_client.client import GuardClient
 from plugin_service.faces import NoFaceFound, list_images, load_face
 from plugin_service.models.extractor import Extractor
-from plugin_service.server.codec import Options, Result
+from advface.codec import Options, Result
 
 log = logging.getLogger(__name__)
 

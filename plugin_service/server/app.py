@@ -25,7 +25,7 @@ from plugin_service.bundle import BundleError, load_bundle
 from plugin_service.config import ServerSettings
 from plugin_service.engine import Engine
 from plugin_service.server.batcher import ByteBudget, DeviceQueue, Job
-from plugin_service.server.codec import UNARY_MAX_BYTES, BatchLimits
+from advface.codec import UNARY_MAX_BYTES, BatchLimits
 from plugin_service.server.interceptors import MetricsInterceptor
 from plugin_service.server.metrics import ServiceMetrics
 from plugin_service.server.policy import Policy

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from plugin_service.protect import PROTECTORS, ProtectorParams
-from plugin_service.server.codec import BatchError, Options, shown_id
+from advface.codec import BatchError, Options, shown_id
 
 
 @dataclass(frozen=True)

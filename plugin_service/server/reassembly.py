@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 from advface.v1 import plugin_pb2 as pb
 
-from plugin_service.server.codec import (
+from advface.codec import (
     Batch,
     BatchError,
     BatchLimits,

@@ -25,7 +25,7 @@ from advface.v1 import plugin_pb2_grpc as pb_grpc
 from grpc_status import rpc_status
 
 from plugin_service.server.batcher import Job, OverBudget, QueueFull
-from plugin_service.server.codec import (
+from advface.codec import (
     UNARY_MAX_BYTES,
     Batch,
     BatchError,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from advface.v1 import plugin_pb2 as pb
 
 from plugin_service.server.batcher import ByteBudget, DeviceQueue
-from plugin_service.server.codec import BatchLimits
+from advface.codec import BatchLimits
 from plugin_service.server.metrics import ServiceMetrics
 from plugin_service.server.reassembly import Slots
 

@@ -17,7 +17,7 @@ from collections import deque
 import grpc
 
 from plugin_service.server.batcher import Job
-from plugin_service.server.codec import BatchError, Result, shown_id
+from advface.codec import BatchError, Result, shown_id
 from plugin_service.server.reassembly import Assembled, Outcome, StreamAssembler
 from plugin_service.server.state import ServingState
 

@@ -1,7 +1,7 @@
-"""Regenerates the Python stubs next to the .proto: `python protos/generate.py`.
+"""Regenerates the Python stubs next to the .proto: `python clients/generate_stubs.py`.
 
-The stubs are committed so that installing needs no protoc; tests/test_proto.py fails when
-they fall behind the .proto.
+The stubs are committed so that installing needs no protoc; tests/test_proto_and_config.py fails
+when they fall behind the .proto.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The wire codec: ProtectRequest/ProtectResponse messages <-> NumPy arrays, with chunking.
 
 This is the only place where bytes become arrays. Both the server and the client library use
-it, so encoding and decoding cannot disagree. Every problem with a batch raises
+it, so encoding and decoding cannot disagree; it needs grpc, protobuf and NumPy, never PyTorch
+or the server package, so the client installs without them. Every problem with a batch raises
 :class:`BatchError` carrying a gRPC status code and a message that names the batch, never
 the feature values. Batch ids come from clients and may be arbitrarily long, so they are shown
-through :func:`shown_id` (bounded) in every message and log line; stream reassembly lives in
-``reassembly.py``.
+through :func:`shown_id` (bounded) in every message and log line; the server's per-stream
+reassembly rules live in ``plugin_service/server/reassembly.py``.
 """
 
 from __future__ import annotations
