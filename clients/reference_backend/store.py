@@ -66,7 +66,7 @@ class Store:
         shape = json.dumps(list(features.shape[1:]))
         dtype = np.dtype(features.dtype).name
         now = time.time()
-        rows = [(person_id, np.ascontiguousarray(f).astype(f.dtype.newbyteorder("<")).tobytes(), dtype, shape,
+        rows = [(person_id, np.ascontiguousarray(f, dtype=f.dtype.newbyteorder("<")).tobytes(), dtype, shape,
                  plugin_model, np.asarray(e, "<f4").tobytes(), recognizer, now)
                 for f, e in zip(features, embeddings, strict=True)]
         with self._lock:
