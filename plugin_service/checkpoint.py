@@ -1,4 +1,4 @@
-"""Checkpoints that resume, shared by every training job.
+"""Checkpoints that resume, shared by every training job and by the evaluation's attacker training.
 
 A checkpoint is a file this project wrote (model, optimiser and scheduler state, epoch,
 RNG state); it is read back with ``weights_only=True`` all the same.

@@ -20,7 +20,7 @@ from plugin_service.faces import FaceSet
 from plugin_service.image_metrics import psnr, ssim
 from plugin_service.models.shadow import ShadowSpec, build_shadow
 from plugin_service.runtime import minibatches, progress, seed_everything
-from plugin_service.training.loop import Checkpointer
+from plugin_service.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]

@@ -31,7 +31,7 @@ from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.data import AttackData, batch_order, fingerprint, holdout
 from plugin_service.evaluation.protection import make_protector, protect_dataset
 from plugin_service.protect.registry import ProtectorParams
-from plugin_service.training.reconstruction import (
+from plugin_service.reconstruction import (
     ValidationScores,
     fit_reconstructor,
     validate_pairs,

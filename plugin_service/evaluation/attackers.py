@@ -27,7 +27,7 @@ from plugin_service.evaluation.errors import EvaluationError
 from plugin_service.faces import FaceSet
 from plugin_service.models.extractor import freeze
 from plugin_service.models.shadow import SHADOW_ARCHITECTURES, ShadowSpec
-from plugin_service.training.reconstruction import (
+from plugin_service.reconstruction import (
     ReconstructionTraining,
     ValidationScores,
     train_reconstructor,

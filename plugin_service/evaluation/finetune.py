@@ -33,10 +33,9 @@ from plugin_service.evaluation.errors import EvaluationError
 from plugin_service.evaluation.protection import make_protector, protect_dataset
 from plugin_service.faces import load_face_folders, split_identities
 from plugin_service.models.extractor import freeze
-from plugin_service.models.recognizer import Recognizer, load_recognizer
+from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, load_recognizer
 from plugin_service.protect.registry import ProtectorParams
 from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
-from plugin_service.training.recognizer import EMBEDDING_SCALE
 
 log = logging.getLogger(__name__)
 HALVES = ("all", "defender", "attacker")

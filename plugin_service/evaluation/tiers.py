@@ -54,7 +54,7 @@ from plugin_service.pairs import EvalFaces
 from plugin_service.protect.base import Protector
 from plugin_service.protect.registry import ProtectorParams
 from plugin_service.runtime import progress
-from plugin_service.training.reconstruction import ReconstructionTraining, fit_reconstructor, validate_pairs
+from plugin_service.reconstruction import ReconstructionTraining, fit_reconstructor, validate_pairs
 
 log = logging.getLogger(__name__)
 FLOOR = "embedding-only"

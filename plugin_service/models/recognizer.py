@@ -27,6 +27,9 @@ from torch import nn
 from plugin_service.models.extractor import DEFAULT_SPLIT, STEM_LAYERS, Extractor, layers_until
 from plugin_service.runtime import progress
 
+# Unit embeddings are scaled before an identity classifier (training it, or fine-tuning an attacker
+# through it) so that softmax can become confident.
+EMBEDDING_SCALE = 16.0
 ARCHITECTURES = ("light", "facenet")
 
 

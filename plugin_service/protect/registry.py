@@ -1,8 +1,6 @@
-"""Protector names -> instances, with the parameters a caller may set per request."""
+"""Protector names -> instances; the names and per-call parameters themselves are in ``protector_params``."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, replace
 
 import torch
 
@@ -11,28 +9,7 @@ from plugin_service.protect.base import Protector
 from plugin_service.protect.baselines import Identity, LaplaceDP, RandomNoise
 from plugin_service.protect.pgd import AdvFace
 from plugin_service.protect.resynth import Resynth
-
-PROTECTORS = ("advface", "resynth", "random", "dp", "none")
-
-
-@dataclass(frozen=True)
-class ProtectorParams:
-    """Per-call settings; None means 'the bundle's default'."""
-
-    steps: int | None = None
-    alpha: float | None = None
-    eps: float | None = None
-    norm: str | None = None
-    dp_epsilon: float = 1.0
-    dp_bound: float = 3.0
-    target_cosine: float | None = None  # resynth; None: the bundle's
-
-    def resolved(self, bundle: Bundle) -> ProtectorParams:
-        d = bundle.manifest.pgd
-        return replace(self, steps=d.steps if self.steps is None else self.steps,
-                       alpha=d.alpha if self.alpha is None else self.alpha,
-                       eps=d.eps if self.eps is None else self.eps,
-                       norm=d.norm if self.norm is None else self.norm)
+from plugin_service.protector_params import PROTECTORS, ProtectorParams
 
 
 def build_protector(name: str, bundle: Bundle, params: ProtectorParams = ProtectorParams(),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from plugin_service.protect import PROTECTORS, ProtectorParams
+from plugin_service.protector_params import PROTECTORS, ProtectorParams
 from advface.codec import BatchError, Options, shown_id
 
 

@@ -28,7 +28,7 @@ from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, RecognizerSpec
 from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
-from plugin_service.training.loop import Checkpointer
+from plugin_service.checkpoint import Checkpointer
 from plugin_service.training.recognizer import pairs_report
 
 log = logging.getLogger(__name__)

@@ -16,15 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.faces import FaceSet, load_face_folder
-from plugin_service.models.recognizer import Recognizer, RecognizerSpec, embed_images
+from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, RecognizerSpec, embed_images
 from plugin_service.pairs import load_eval_faces
 from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
-from plugin_service.training.loop import Checkpointer
+from plugin_service.checkpoint import Checkpointer
 from plugin_service.verification import verify
 
 log = logging.getLogger(__name__)
-# Unit embeddings are scaled before the identity classifier so that softmax can become confident.
-EMBEDDING_SCALE = 16.0
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from plugin_service.models.recognizer import load_recognizer
 from plugin_service.models.shadow import ShadowSpec
 from plugin_service.runtime import pick_device
 from plugin_service.training.bundle_recognizer import add_recognizer
-from plugin_service.training.loop import Checkpointer
-from plugin_service.training.reconstruction import (
+from plugin_service.checkpoint import Checkpointer
+from plugin_service.reconstruction import (
     ReconstructionTraining,
     train_reconstructor,
 )
