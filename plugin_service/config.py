@@ -24,6 +24,15 @@ class ServerSettings:
     host: str = _opt("0.0.0.0", "address to listen on for gRPC")
     port: int = _opt(50051, "gRPC port")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port (0 disables the endpoint)")
+    metrics_host: str = _opt("", "address the /metrics endpoint listens on, e.g. an internal interface or 127.0.0.1 "
+                             "(empty: the gRPC --host); it is plain HTTP without authentication")
+    tls_cert: Path | None = _opt(None, "PEM certificate chain for TLS on the gRPC port (with --tls-key); unset: plaintext")
+    tls_key: Path | None = _opt(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = _opt(None, "PEM CA certificate(s); when set, every client must present a certificate "
+                                      "they signed (mutual TLS); needs --tls-cert")
+    auth_tokens: Path | None = _opt(None, "file of bearer tokens, one per line: TOKEN, or NAME TOKEN, or NAME TOKEN "
+                                    "METHOD[,METHOD] to allow only those RPCs; when set, every call except health "
+                                    "checks needs the metadata 'authorization: Bearer TOKEN'")
     device: str = _opt("auto", "where the engine runs: auto (CUDA if visible), cpu, cuda or cuda:N")
     max_batch: int = _opt(256, "largest batch, in faces, a client may send")
     queue_size: int = _opt(4, "batches waiting for the device before clients are pushed back")
@@ -71,7 +80,20 @@ class ServerSettings:
             raise ValueError(f"--max-feature-value must be a positive number, got {self.max_feature_value}")
         if self.chunk_kb * 1024 >= self.max_message_mb * 1024 * 1024:
             raise ValueError("--chunk-kb must be below --max-message-mb")
+        self._validate_security()
         return self
+
+    def _validate_security(self) -> None:
+        """Half a TLS set-up would silently serve plaintext (or refuse everyone), so it is an error."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both for TLS, neither for plaintext")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                problem = "is a directory" if Path(path).is_dir() else "does not exist"
+                raise ValueError(f"--{name.replace('_', '-')}: {path} {problem}; expected a file")
 
 
 def env_name(field_name: str) -> str:

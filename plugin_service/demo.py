@@ -4,6 +4,9 @@ Starts `advface serve` as a real subprocess, waits for it to report SERVING, str
 enrollment of the sample faces through it with the client library, prints throughput, the
 privacy gain and a few metrics scraped from /metrics, then stops the server with SIGTERM and
 checks that it drained and exited cleanly.
+
+With ``server_args`` (``--tls-cert``, ``--auth-tokens``...) the server runs secured, and the
+client connects with ``tls`` and ``token``, exactly as a backend would.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plugin_service.bundle import sample_faces_path
+
+if TYPE_CHECKING:
+    from advface_client import TLSConfig
 
 SHOWN_METRICS = ("advface_faces_protected_total", "advface_batches_total", "advface_compute_seconds_sum",
                  "advface_shadow_loss_gain_ratio_count")
@@ -29,7 +36,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_demo(faces: Path | None = None, out: Path | None = None, batch_size: int = 16, bundle: Path | None = None) -> int:
+def run_demo(faces: Path | None = None, out: Path | None = None, batch_size: int = 16, bundle: Path | None = None,
+             server_args: tuple[str, ...] = (), tls: TLSConfig | None = None, token: str | None = None,
+             timeout: float | None = None) -> int:
     from advface_client.client import GuardClient
     from advface_client.enroll import enroll
 
@@ -42,11 +51,12 @@ def run_demo(faces: Path | None = None, out: Path | None = None, batch_size: int
            "--metrics-port", str(metrics_port)]
     if bundle:
         cmd += ["--bundle", str(bundle)]
+    cmd += server_args
     print(f"[demo] starting: advface serve --port {port} --metrics-port {metrics_port}", flush=True)
     server = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         extractor = load_bundle(bundle).extractor
-        with GuardClient(f"127.0.0.1:{port}") as client:
+        with GuardClient(f"127.0.0.1:{port}", tls=tls, token=token, timeout=timeout) as client:
             client.wait_until_serving(timeout=300)
             info = client.info()
             print(f"[demo] service SERVING bundle {info.model_version} ({info.shadow_arch} shadow, "

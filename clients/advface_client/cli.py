@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
-from advface_client.client import GuardClient, TLSConfig
-
-DEFAULT_TARGET = os.environ.get("ADVFACE_TARGET", "localhost:50051")
-
-
-def _client(args: argparse.Namespace) -> GuardClient:
-    tls = TLSConfig(args.ca_cert, args.client_cert, args.client_key) if args.tls else None
-    return GuardClient(args.target, tls=tls, timeout=args.timeout)
+from advface_client.connection import client_from_args, connection_parser
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1
@@ -31,7 +23,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
-    with _client(args) as client:
+    with client_from_args(args) as client:
         print(MessageToJson(client.info(), preserving_proto_field_name=True))
     return 0
 
@@ -51,7 +43,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     from advface_client.enroll import enroll
     from advface.codec import Options
 
-    with _client(args) as client:
+    with client_from_args(args) as client:
         info = client.info()
         extractor, local_version = (None, None) if args.input.suffix == ".npy" else load_client_extractor(
             args.bundle, args.facenet_weights)
@@ -75,30 +67,26 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advface-client", description="Client for the AdvFace Guard gRPC plug-in.")
-    parser.add_argument("--target", default=DEFAULT_TARGET,
-                        help="HOST:PORT of the service; comma-separate several for round-robin [env ADVFACE_TARGET; "
-                        "default: %(default)s]")
-    parser.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca-cert)")
-    parser.add_argument("--ca-cert", type=Path, help="PEM root certificate(s) to trust")
-    parser.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS")
-    parser.add_argument("--client-key", type=Path, help="PEM client private key for mutual TLS")
-    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline in seconds (default: none)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="advface-client", description="Client for the AdvFace Guard gRPC plug-in. "
+                                     "The connection flags are accepted before or after the command.",
+                                     parents=[connection_parser(with_defaults=True)])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    connection = connection_parser(with_defaults=False)
 
-    p = sub.add_parser("health", help="print the service's grpc.health.v1 status (exit 0 when SERVING)")
+    p = sub.add_parser("health", help="print the service's grpc.health.v1 status (exit 0 when SERVING)",
+                       parents=[connection])
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
     p.set_defaults(func=_cmd_health)
 
-    p = sub.add_parser("info", help="print the served bundle, protector, limits and device as JSON")
+    p = sub.add_parser("info", help="print the served bundle, protector, limits and device as JSON", parents=[connection])
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("enroll", help="stream faces or features through the service and store the protected features",
                        description="Reads face images (raw photos are aligned with MTCNN; 160x160 crops pass through) "
                        "or pre-extracted features (.npy of shape N,C,H,W), runs E client-side, streams batches "
                        "and writes the adversarial features as .npz shards with index.jsonl. Rerun with the same "
-                       "--out to resume: finished batches are kept and skipped.")
+                       "--out to resume: finished batches are kept and skipped.", parents=[connection])
     p.add_argument("--input", type=Path, required=True, help="image folder (searched recursively), one image, or FILE.npy")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards, index.jsonl, failed.jsonl")
     p.add_argument("--bundle", type=Path, help="bundle whose E extracts features (default: the embedded bundle, "
@@ -125,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"advface-client: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"advface-client: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from advface.v1 import plugin_pb2 as pb
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from grpc_status import rpc_status
 
+from advface_client.targets import channel_target
 from advface.codec import (
     DEFAULT_CHUNK_BYTES,
     UNARY_MAX_BYTES,
@@ -62,17 +63,35 @@ def _call_retry_after(error: grpc.RpcError) -> float | None:
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """PEM files for a TLS channel; all optional (system roots, no client certificate)."""
+    """PEM files for a TLS channel; all optional (system roots, no client certificate).
+
+    ``client_cert`` and ``client_key`` go together (mutual TLS). ``server_name`` is the name the
+    server's certificate must carry when it is not the host dialled (an IP address, a tunnel).
+    """
 
     ca_cert: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("a client certificate and its key go together (mutual TLS): give both or neither")
 
     def credentials(self) -> grpc.ChannelCredentials:
         def read(p: Path | None) -> bytes | None:
             return Path(p).read_bytes() if p else None
 
         return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    if token is None:
+        return None
+    token = token.strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the bearer token is empty or contains whitespace")
+    return (("authorization", f"Bearer {token}"),)
 
 
 class _Abandon(Exception):
@@ -162,6 +181,10 @@ class _Attempt:
 class GuardClient:
     """A connection to one service address (or several, comma-separated, balanced round-robin).
 
+    ``target`` is resolved as :func:`advface_client.targets.channel_target` describes (host names
+    or IP literals). ``tls`` turns on TLS (mutual with a client certificate); ``token`` is sent as
+    ``authorization: Bearer <token>`` with every call.
+
     Example::
 
         with GuardClient("localhost:50051") as client:
@@ -171,14 +194,20 @@ class GuardClient:
     """
 
     def __init__(self, target: str, tls: TLSConfig | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_retries: int = 5, backoff_seconds: float = 0.5, timeout: float | None = None) -> None:
-        options = [("grpc.lb_policy_name", "round_robin")]
-        addresses = [t.strip() for t in target.split(",") if t.strip()]
-        if len(addresses) > 1:
-            target = "ipv4:" + ",".join(addresses)
+                 max_retries: int = 5, backoff_seconds: float = 0.5, timeout: float | None = None,
+                 token: str | None = None) -> None:
+        resolved = channel_target(target)
+        self._metadata = _auth_metadata(token)
+        options: list[tuple[str, object]] = [("grpc.lb_policy_name", "round_robin")]
         self.target = target
-        self.channel = (grpc.secure_channel(target, tls.credentials(), options) if tls
-                        else grpc.insecure_channel(target, options))
+        if tls is not None:
+            if name := tls.server_name or resolved.authority:
+                options.append(("grpc.ssl_target_name_override", name))
+            self.channel = grpc.secure_channel(resolved.target, tls.credentials(), options)
+        else:
+            self.channel = grpc.insecure_channel(resolved.target, options)
+        if token is not None and tls is None:
+            log.warning("sending a bearer token to %s without TLS: anyone on the network path can read it", target)
         self.stub = pb_grpc.AdvFaceGuardStub(self.channel)
         self.chunk_bytes, self.max_retries, self.backoff, self.timeout = chunk_bytes, max_retries, backoff_seconds, timeout
         self._ids = itertools.count()
@@ -193,7 +222,8 @@ class GuardClient:
         self.channel.close()
 
     def info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 30, wait_for_ready=True)
+        return self.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout or 30, wait_for_ready=True,
+                                      metadata=self._metadata)
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -219,7 +249,8 @@ class GuardClient:
         if features.nbytes <= UNARY_MAX_BYTES:
             (request,) = encode_request(batch_id, features, options, UNARY_MAX_BYTES)
             try:
-                response = self._with_retries(lambda: self.stub.Protect(request, timeout=self.timeout, wait_for_ready=True))
+                response = self._with_retries(lambda: self.stub.Protect(request, timeout=self.timeout, wait_for_ready=True,
+                                                                        metadata=self._metadata))
             except grpc.RpcError as e:
                 raise BatchError(batch_id, e.code(), strip_prefix(batch_id, e.details() or "")) from e
             result = decode_response_chunks([response])
@@ -257,7 +288,7 @@ class GuardClient:
         while not pending.finished():
             attempt = _Attempt(pending, window)
             call = self.stub.ProtectStream(attempt.requests(options, self.chunk_bytes), timeout=self.timeout,
-                                           wait_for_ready=True)
+                                           wait_for_ready=True, metadata=self._metadata)
             try:
                 for result in self._results(call):
                     expected = pending.first_id()

@@ -1,5 +1,8 @@
 """Server lifecycle: load the bundle, warm up, serve with health and reflection, drain on SIGTERM.
 
+The gRPC port is plaintext, TLS (``--tls-cert``/``--tls-key``) or mutual TLS (``--tls-client-ca``);
+with ``--auth-tokens`` every call but health checks needs a bearer token (:mod:`.auth`).
+
 Health is NOT_SERVING until the bundle is loaded and one warm-up batch has run, so a load
 balancer or Kubernetes readiness probe never routes a batch to a cold replica. SIGTERM (or
 SIGINT) flips health to NOT_SERVING, turns new batches away with UNAVAILABLE, lets queued and
@@ -19,16 +22,17 @@ import grpc
 from advface.v1 import plugin_pb2 as pb
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from plugin_service.bundle import BundleError, load_bundle
 from plugin_service.config import ServerSettings
 from plugin_service.engine import Engine
 from plugin_service.server.batcher import ByteBudget, DeviceQueue, Job
 from advface.codec import UNARY_MAX_BYTES, BatchLimits
+from plugin_service.server.auth import TokenAuthInterceptor, TokenFileError, load_tokens
 from plugin_service.server.interceptors import MetricsInterceptor
 from plugin_service.server.metrics import ServiceMetrics
 from plugin_service.server.policy import Policy
+from plugin_service.server.reflection import enable_reflection
 from plugin_service.server.servicer import GuardServicer
 from plugin_service.server.state import ServingState
 
@@ -73,12 +77,40 @@ def _feature_range(feature_bound: float | None, settings: ServerSettings) -> tup
     return (0.0, float(feature_bound))
 
 
+def _interceptors(settings: ServerSettings, metrics: ServiceMetrics) -> list[grpc.aio.ServerInterceptor]:
+    """Metrics outermost, so refused calls are counted with the code the caller saw."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics, SERVICE_NAME)]
+    if settings.auth_tokens is not None:
+        methods = [m.name for m in pb.DESCRIPTOR.services_by_name["AdvFaceGuard"].methods]
+        try:
+            callers = load_tokens(settings.auth_tokens, methods)
+        except (OSError, TokenFileError) as e:
+            raise StartupError(f"cannot use the token file: {e}") from None
+        interceptors.append(TokenAuthInterceptor(callers, SERVICE_NAME))
+        log.info("bearer tokens required for %d caller(s): %s", len(callers), ", ".join(c.name for c in callers))
+    return interceptors
+
+
+def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert is None:
+        return server.add_insecure_port(address)
+    try:
+        key, chain = settings.tls_key.read_bytes(), settings.tls_cert.read_bytes()  # type: ignore[union-attr]
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as e:
+        raise StartupError(f"cannot read a TLS file: {e}") from None
+    credentials = grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                              require_client_auth=client_ca is not None)
+    return server.add_secure_port(address, credentials)
+
+
 async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None = None) -> RunningServer:
     """Builds and starts the server; returns once it is SERVING (bundle loaded, warmed up)."""
     metrics = metrics or ServiceMetrics()
     limit = settings.max_message_mb * 2**20
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(metrics, SERVICE_NAME)],
+        interceptors=_interceptors(settings, metrics),
         options=[("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT_FACTOR * limit),
                  ("grpc.max_send_message_length", limit),
                  # Clients reconnect (and re-resolve) periodically, so replicas added by the
@@ -91,13 +123,21 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     servicer = GuardServicer()
     pb_grpc.add_AdvFaceGuardServicer_to_server(servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    try:
+        port = _add_port(server, settings)
+    except RuntimeError as e:  # grpc.aio raises RuntimeError when it cannot bind, or the key does not fit the chain
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {e}") from None
     if port == 0:
-        raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}")
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}")
     await server.start()  # health answers NOT_SERVING while the model loads
     if settings.metrics_port:
-        metrics.serve_http(settings.metrics_port, settings.host)
+        try:
+            metrics.serve_http(settings.metrics_port, settings.metrics_host or settings.host)
+        except OSError as e:
+            await server.stop(0)
+            raise StartupError(f"cannot serve metrics on {settings.metrics_host or settings.host}:"
+                               f"{settings.metrics_port}: {e}") from None
 
     loop = asyncio.get_running_loop()
     try:
@@ -140,9 +180,12 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
                        "device": str(engine.device), "shadow_arch": bundle.manifest.shadow.arch})
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving bundle %s (%s shadow) on %s:%d, device %s, warm-up %.2fs%s", bundle.version,
-             bundle.manifest.shadow.arch, settings.host, port, engine.device, seconds,
-             f", metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else "")
+    transport = "mutual TLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext"
+    log.info("serving bundle %s (%s shadow) on %s:%d (%s%s), device %s, warm-up %.2fs%s", bundle.version,
+             bundle.manifest.shadow.arch, settings.host, port, transport,
+             ", bearer tokens" if settings.auth_tokens else "", engine.device, seconds,
+             f", metrics on {settings.metrics_host or settings.host}:{settings.metrics_port}/metrics"
+             if settings.metrics_port else "")
     return RunningServer(server, state, health_servicer, queue, port)
 
 
