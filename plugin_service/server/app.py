@@ -92,7 +92,8 @@ def _interceptors(settings: ServerSettings, metrics: ServiceMetrics) -> list[grp
 
 
 def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
-    address = f"{settings.host}:{settings.port}"
+    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
+    address = f"{host}:{settings.port}"
     if settings.tls_cert is None:
         return server.add_insecure_port(address)
     try:
