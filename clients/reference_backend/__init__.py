@@ -7,8 +7,8 @@ embedding R(answer) in SQLite; verify and identify embed the clean probe with th
 compare by cosine against a threshold. z and images are never written anywhere.
 
 Modules, one job each: ``store`` (SQLite), ``recognition`` (E and R from the bundle), ``inputs``
-(request body -> z), ``backend`` (enroll / verify / identify), ``http_api`` (HTTP/JSON),
-``cli`` (``advface-backend``, or ``python -m reference_backend``).
+(request body -> z), ``matching`` (cosine scores, threshold), ``backend`` (enroll / verify /
+identify), ``http_api`` (HTTP/JSON), ``cli`` (``advface-backend``, or ``python -m reference_backend``).
 
 The database is one table (``store.SCHEMA``, checked against this text by the tests)::
 
@@ -29,18 +29,3 @@ The embedding is stored beside the feature so that a probe costs one pass of R, 
 enrolled face; the feature is kept so that a new R re-embeds the gallery at start-up without
 re-enrolling anyone.
 """
-
-from reference_backend.backend import (
-    DEFAULT_THRESHOLD,
-    Backend,
-    Candidate,
-    Enrollment,
-    Identification,
-    PluginError,
-    UnknownPerson,
-    Verification,
-)
-from reference_backend.store import SCHEMA, Store
-
-__all__ = ["DEFAULT_THRESHOLD", "SCHEMA", "Backend", "Candidate", "Enrollment", "Identification", "PluginError",
-           "Store", "UnknownPerson", "Verification"]

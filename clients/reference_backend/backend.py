@@ -13,19 +13,20 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-
 from advface_client import BatchError, GuardClient, Options
+
 from reference_backend.inputs import BadInput
+from reference_backend.matching import (
+    DEFAULT_THRESHOLD,
+    Identification,
+    Verification,
+    best_score,
+    rank_persons,
+)
 from reference_backend.recognition import Recognition
 from reference_backend.store import Store
 
 log = logging.getLogger(__name__)
-
-# No recogniser file records a decision threshold, so the default is measured: the best all-pairs
-# threshold for AdvFace-protected enrolled features against clean probes with the embedded models,
-# 0.4997 on 240 LFW pairs (reports/lfw/results.json: main.advface.utility.recognizer.threshold).
-# Clean against clean it is 0.621 there; resynth-protected against clean, 0.628.
-DEFAULT_THRESHOLD = 0.50
 
 
 class PluginError(RuntimeError):
@@ -43,42 +44,13 @@ class Enrollment:
     plugin_model: str
 
 
-@dataclass(frozen=True)
-class Verification:
-    person_id: str
-    score: float  # best cosine over the person's enrolled faces
-    threshold: float
-
-    @property
-    def match(self) -> bool:
-        return self.score >= self.threshold
-
-
-@dataclass(frozen=True)
-class Candidate:
-    person_id: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Identification:
-    candidates: list[Candidate]  # best first, one per person
-    threshold: float
-
-    @property
-    def match(self) -> str | None:
-        """The best candidate if it clears the threshold, else None (an unknown face)."""
-        best = self.candidates[0] if self.candidates else None
-        return best.person_id if best is not None and best.score >= self.threshold else None
-
-
 class Backend:
     """A face-recognition backend that stores only plug-in-protected features."""
 
     def __init__(self, plugin: GuardClient, recognition: Recognition, store: Store,
-                 threshold: float = DEFAULT_THRESHOLD, options: Options = Options()) -> None:
+                 threshold: float = DEFAULT_THRESHOLD, options: Options | None = None) -> None:
         self.plugin, self.recognition, self.store = plugin, recognition, store
-        self.threshold, self.options = threshold, options
+        self.threshold, self.options = threshold, options or Options()
 
     def refresh_embeddings(self) -> int:
         """Re-embeds, from the stored features, every row another R embedded; returns how many."""
@@ -102,16 +74,10 @@ class Backend:
         gallery = self.store.gallery(person_id)
         if not gallery.face_ids:
             raise UnknownPerson(f"no face is enrolled for person {person_id!r}")
-        return Verification(person_id, float(np.max(gallery.embeddings @ self._probe(z))), self.threshold)
+        return Verification(person_id, best_score(gallery, self._probe(z)), self.threshold)
 
     def identify(self, z: np.ndarray, top_k: int = 5) -> Identification:
-        gallery = self.store.gallery()
-        best: dict[str, float] = {}
-        if gallery.face_ids:
-            for person_id, score in zip(gallery.person_ids, gallery.embeddings @ self._probe(z), strict=True):
-                best[person_id] = max(best.get(person_id, -1.0), float(score))
-        ranked = sorted(best.items(), key=lambda item: -item[1])[:top_k]
-        return Identification([Candidate(p, s) for p, s in ranked], self.threshold)
+        return Identification(rank_persons(self.store.gallery(), self._probe(z), top_k), self.threshold)
 
     def _probe(self, z: np.ndarray) -> np.ndarray:
         """R(z) of exactly one clean probe face: a unit vector, so dot products are cosines."""

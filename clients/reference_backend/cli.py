@@ -11,15 +11,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+from reference_backend.matching import DEFAULT_THRESHOLD
 
-from advface_client import GuardClient, Options, TLSConfig
-from plugin_service.bundle import BundleError
-from reference_backend.backend import DEFAULT_THRESHOLD, Backend
-from reference_backend.http_api import BackendHTTPServer
-from reference_backend.recognition import Recognition
-from reference_backend.store import Store
+if TYPE_CHECKING:  # torch comes with these: imported after parsing, so --help answers at once
+    from reference_backend.http_api import BackendHTTPServer
 
 log = logging.getLogger("reference_backend")
 
@@ -72,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def open_backend(args: argparse.Namespace) -> BackendHTTPServer:
     """The HTTP server for ``args``, bound and ready to serve; raises BundleError, sqlite3.Error or OSError."""
+    from advface_client import GuardClient, Options, TLSConfig
+
+    from reference_backend.backend import Backend
+    from reference_backend.http_api import BackendHTTPServer
+    from reference_backend.recognition import Recognition
+    from reference_backend.store import Store
+
     recognition = Recognition(args.bundle)
     tls = TLSConfig(args.ca_cert, args.client_cert, args.client_key) if args.tls else None
     plugin = GuardClient(args.plugin, tls=tls, timeout=args.plugin_timeout)
@@ -83,6 +87,8 @@ def open_backend(args: argparse.Namespace) -> BackendHTTPServer:
 
 def _plugin_mismatch(server: BackendHTTPServer) -> str | None:
     """Why the plug-in cannot serve this backend (another bundle), or None; an unreachable plug-in is only logged."""
+    import grpc
+
     backend = server.backend
     try:
         if backend.plugin.health() != "SERVING":
@@ -102,6 +108,8 @@ def _plugin_mismatch(server: BackendHTTPServer) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from plugin_service.bundle import BundleError
+
     try:
         server = open_backend(args)
     except (BundleError, sqlite3.Error, OSError) as e:

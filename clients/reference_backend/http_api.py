@@ -60,10 +60,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: BackendHTTPServer
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._answer(self._get)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._answer(self._post)
 
     def _get(self) -> tuple[HTTPStatus, dict[str, Any]]:
@@ -103,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(length))
         return features_from_body(body, self.headers.get("Content-Type", ""), self.server.backend.recognition)
 
-    def _answer(self, route) -> None:  # noqa: ANN001 - a bound method returning (status, body)
+    def _answer(self, route) -> None:
         try:
             status, body = route()
         except ApiError as e:
@@ -126,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
 
 

@@ -39,7 +39,7 @@ class Recognition:
 
     def embed(self, features: np.ndarray) -> np.ndarray:
         """R(features): stored (protected) or probe (clean) features -> (N, D) float32 unit vectors."""
-        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: stored rows are read-only buffers
         with self._lock, torch.no_grad():
             return self.recognizer.embed_features(x).numpy()
 
