@@ -36,6 +36,8 @@ from plugin_service.models.shadow import ShadowSpec, build_shadow
 
 FORMAT = "advface-bundle/1"
 MANIFEST = "manifest.json"
+# The repository's samples/ folder (present in a clone and an editable install, absent from the wheel).
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 EXTRACTOR_FILE = "extractor.safetensors"
 SHADOW_FILE = "shadow.safetensors"
 RECOGNIZER_FILE = "recognizer.safetensors"
@@ -234,7 +236,9 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     """Loads and validates a bundle; ``None`` means the default bundle embedded in the package."""
     path = default_bundle_path() if path is None else Path(path)
     if not path.is_dir():
-        raise BundleError(f"bundle directory not found: {path}")
+        problem = "is a file, not a bundle directory" if path.exists() else "does not exist"
+        hint = f"; the bundle is its directory, {path.parent}" if path.name == MANIFEST else ""
+        raise BundleError(f"bundle {path} {problem}{hint}")
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise BundleError(f"bundle {path} holds pickle files {pickles}; bundles carry safetensors only, "
@@ -244,11 +248,16 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
         raise BundleError(f"bundle {path} has no {MANIFEST}")
     try:
         body = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise BundleError(f"{manifest_file}: cannot read it ({e.strerror})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{manifest_file}: not valid JSON ({e})") from e
-    manifest = Manifest.from_json(body)
+    if not isinstance(body, dict):
+        raise BundleError(f"{manifest_file}: holds a JSON {type(body).__name__}, not a manifest object")
+    # Checked before the other fields: without it nothing in the bundle can be verified.
     if not isinstance(body.get("files"), dict):
-        raise BundleError(f"{manifest_file}: manifest lacks its 'files' table (name -> sha256)")
+        raise BundleError(f"{manifest_file}: manifest lacks its 'files' table (file name -> sha256)")
+    manifest = Manifest.from_json(body)
     recorded = body["files"]
     names = [EXTRACTOR_FILE, SHADOW_FILE] + ([RECOGNIZER_FILE, START_FILE] if manifest.recognizer else [])
     hashes = {}
@@ -310,4 +319,9 @@ def default_recognizer_path() -> Path:
 
 
 def sample_faces_path() -> Path:
-    return Path(str(resources.files("plugin_service") / "assets" / "sample_faces"))
+    """The source repository's CelebA sample faces, which the wheel leaves out (non-commercial licence)."""
+    path = SAMPLES / "faces"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no sample faces at {path}: the CelebA samples ship with the source repository only "
+                                "(see its samples/README.md for their licence); pass your own aligned faces")
+    return path

@@ -17,7 +17,7 @@ from plugin_service.faces import (
     split_identities,
 )
 
-PHOTOS = Path(__file__).resolve().parents[1] / "plugin_service" / "assets" / "sample_photos"
+PHOTOS = Path(__file__).resolve().parents[1] / "samples" / "photos"
 
 
 def test_aligned_faces_pass_through() -> None:
