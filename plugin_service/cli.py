@@ -8,6 +8,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
@@ -15,6 +16,10 @@ from plugin_service.evaluation.cli_args import (
 )
 
 SHADOW_ARCHS = ("urec", "resrec", "transrec")
+# Third-party modules the base install (the client) lacks -> the extra that brings them.
+EXTRA_OF_MODULE = {"torch": "serve", "torchvision": "serve", "facenet_pytorch": "serve", "safetensors": "serve",
+                   "PIL": "serve", "prometheus_client": "serve", "grpc_reflection": "serve", "tqdm": "serve",
+                   "torchmetrics": "train", "matplotlib": "eval"}
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Command] = {}
 
@@ -144,9 +149,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from plugin_service.config import settings_from_args
     from plugin_service.server.app import serve
 
+    from plugin_service.runtime import pick_device
+
     try:
         settings = settings_from_args(args)
-    except ValueError as e:
+        pick_device(settings.device)  # a bad --device fails here, before a port is opened or a model loaded
+    except (ValueError, RuntimeError) as e:
         print(f"advface serve: {e}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
@@ -272,8 +280,15 @@ def _add_shadow_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_shadow_check)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line: the usage of `advface serve` alone fills a screen and buries it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
+    parser = _Parser(prog="advface", description="AdvFace Guard: adversarial facial features as a gRPC plug-in.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow,
@@ -289,7 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"advface {args.command}: {e.name} is not installed; pip install 'advface-guard[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
