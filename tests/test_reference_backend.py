@@ -18,7 +18,7 @@ import pytest
 import reference_backend
 from advface_client import GuardClient, Options, Result
 from reference_backend.backend import Backend, PluginError
-from reference_backend.cli import build_parser, open_backend
+from reference_backend.cli import build_parser, main, open_backend
 from reference_backend.http_api import BackendHTTPServer
 from reference_backend.recognition import Recognition
 from reference_backend.store import SCHEMA, Store
@@ -142,7 +142,8 @@ def test_enroll_verify_identify_store_only_the_plugins_output(plugin: LiveServer
         every_value = [v for t in tables for row in con.execute(f"SELECT * FROM {t}") for v in row]
     assert [r[0] for r in rows] == people and len(answered) == len(people)
     for row, result, z in zip(rows, answered, clean, strict=True):
-        assert result.features is not None and row[1] == result.features.tobytes()  # byte-for-byte
+        assert result.features is not None
+        assert row[1] == result.features.tobytes(), "the stored feature is not the plug-in's answer byte-for-byte"
         assert (row[2], json.loads(row[3]), row[4]) == ("float32", [64, 77, 77], recognition.bundle_version)
         stored = np.frombuffer(row[1], np.float32).reshape(1, 64, 77, 77)
         assert np.abs(stored - z).max() > 0.1  # what the plug-in stores is not z, not even nearly
@@ -173,6 +174,23 @@ def test_plugin_rejection_is_a_clear_error_and_stores_nothing(plugin: LiveServer
     backend = Backend(GuardClient(plugin.address, timeout=30), recognition, store, options=Options(eps=9.0))
     with pytest.raises(PluginError, match="OUT_OF_RANGE.*nothing was stored"):
         backend.enroll("alice", z)
+    assert store.counts() == (0, 0)
+    backend.plugin.close()
+
+
+@pytest.mark.slow
+def test_a_plugin_with_another_bundle_is_refused(live_server: LiveServer, recognition: Recognition, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The conftest plug-in serves a tiny bundle with a random E: R cannot recognise its features."""
+    code = main(["--plugin", live_server.address, "--db", str(tmp_path / "cli.sqlite3"), "--port", "0"])
+    assert code == 2
+    with GuardClient(live_server.address) as client:
+        served = client.info().model_version
+    assert f"serves bundle {served}, this backend loaded bundle {recognition.bundle_version}" in capsys.readouterr().err
+    store = Store(tmp_path / "db.sqlite3")
+    backend = Backend(GuardClient(live_server.address, timeout=30), recognition, store, options=Options(steps=1))
+    with pytest.raises(PluginError, match="serves bundle .*nothing was stored"):
+        backend.enroll("alice", np.zeros((1, *recognition.feature_shape), np.float32))
     assert store.counts() == (0, 0)
     backend.plugin.close()
 

@@ -92,11 +92,12 @@ def _plugin_mismatch(server: BackendHTTPServer) -> str | None:
     backend = server.backend
     try:
         if backend.plugin.health() != "SERVING":
-            log.warning("the plug-in at %s is not SERVING yet; enrollments fail until it is", backend.plugin.target)
+            log.warning("the plug-in at %s is not SERVING yet; enrollments wait for it up to --plugin-timeout",
+                        backend.plugin.target)
             return None
         version = backend.plugin.info().model_version
     except grpc.RpcError as e:
-        log.warning("the plug-in at %s is unreachable (%s); enrollments fail until it answers",
+        log.warning("the plug-in at %s is unreachable (%s); enrollments wait for it up to --plugin-timeout",
                     backend.plugin.target, e.code().name)
         return None
     if version != backend.recognition.bundle_version:
