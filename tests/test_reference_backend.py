@@ -89,7 +89,7 @@ def faces() -> dict[str, list[Path]]:
 def test_enroll_verify_identify_store_only_the_plugins_output(plugin: LiveServer, recognition: Recognition,
                                                               faces: dict[str, list[Path]], tmp_path: Path) -> None:
     db = tmp_path / "faces.sqlite3"
-    server = open_backend(build_parser().parse_args(["--plugin", plugin.address, "--db", str(db), "--port", "0",
+    server = open_backend(build_parser().parse_args(["--target", plugin.address, "--db", str(db), "--port", "0",
                                                      "--steps", str(STEPS)]))
     answered: list[Result] = []
     protect = server.backend.plugin.protect
@@ -157,8 +157,9 @@ def test_enroll_verify_identify_store_only_the_plugins_output(plugin: LiveServer
 def test_plugin_down_is_a_clear_error_and_stores_nothing(recognition: Recognition, faces: dict[str, list[Path]],
                                                          tmp_path: Path) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    backend = Backend(GuardClient(dead, timeout=2, max_retries=0), recognition, Store(tmp_path / "db.sqlite3"))
-    with _serving(BackendHTTPServer(("127.0.0.1", 0), backend, 1 << 26)) as url:
+    server = open_backend(build_parser().parse_args(["--target", dead, "--timeout", "2", "--port", "0",
+                                                     "--db", str(tmp_path / "db.sqlite3")]))
+    with _serving(server) as url:
         status, reply = _post(f"{url}/v1/persons/alice/faces", next(iter(faces.values()))[0].read_bytes(), "image/jpeg")
     assert status == 502, reply
     assert dead in reply["error"] and "nothing was stored" in reply["error"]
@@ -182,7 +183,7 @@ def test_plugin_rejection_is_a_clear_error_and_stores_nothing(plugin: LiveServer
 def test_a_plugin_with_another_bundle_is_refused(live_server: LiveServer, recognition: Recognition, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The conftest plug-in serves a tiny bundle with a random E: R cannot recognise its features."""
-    code = main(["--plugin", live_server.address, "--db", str(tmp_path / "cli.sqlite3"), "--port", "0"])
+    code = main(["--target", live_server.address, "--db", str(tmp_path / "cli.sqlite3"), "--port", "0"])
     assert code == 2
     with GuardClient(live_server.address) as client:
         served = client.info().model_version

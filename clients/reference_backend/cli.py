@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -13,12 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from advface_client.connection import connection_parser, tls_from_args, token_from_args
+
 from reference_backend.matching import DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:  # torch comes with these: imported after parsing, so --help answers at once
     from reference_backend.http_api import BackendHTTPServer
 
 log = logging.getLogger("reference_backend")
+# Enrollments wait for a plug-in that is not ready (gRPC wait_for_ready): without a deadline, one
+# that is down would hold every enrolling HTTP request forever.
+PLUGIN_TIMEOUT = 60.0
 
 EPILOG = """\
 endpoints (bodies are a face photo, image/*, or clean features z as application/x-npy):
@@ -27,9 +31,13 @@ endpoints (bodies are a face photo, image/*, or clean features z as application/
   POST /v1/identify?top_k=5        1:N -> candidates best first, match or null
   GET  /v1/health                  faces and persons enrolled, recogniser and bundle versions
 
+The connection flags (--target is the plug-in) are advface-client's, with the same environment
+variables; here --timeout defaults to 60 s, so that an enrollment fails with 502 rather than
+waiting forever when the plug-in is down.
+
 example:
   advface serve --port 50051 &
-  advface-backend --plugin localhost:50051 --db faces.sqlite3 --port 8080 &
+  advface-backend --target localhost:50051 --db faces.sqlite3 --port 8080 &
   curl -X POST -H 'Content-Type: image/jpeg' --data-binary @alice.jpg localhost:8080/v1/persons/alice/faces
   curl -X POST -H 'Content-Type: image/jpeg' --data-binary @probe.jpg localhost:8080/v1/identify
 """
@@ -38,11 +46,9 @@ example:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="advface-backend", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection_parser(with_defaults=True)],
         description="A reference face-recognition backend (HTTP) that stores only AdvFace Guard-protected features "
                     "in SQLite and matches with the bundle's recogniser R.")
-    parser.add_argument("--plugin", default=os.environ.get("ADVFACE_TARGET", "localhost:50051"),
-                        help="HOST:PORT of the AdvFace Guard plug-in; comma-separate several for round-robin "
-                             "[env ADVFACE_TARGET; default %(default)s]")
     parser.add_argument("--db", type=Path, default=Path("advface-backend.sqlite3"),
                         help="SQLite file, created if missing (default %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default %(default)s)")
@@ -55,21 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protector", default="", help="plug-in protector to ask for (default: the plug-in's)")
     parser.add_argument("--steps", type=int, default=0, help="PGD steps to ask for (default: the plug-in's)")
     parser.add_argument("--eps", type=float, default=None, help="perturbation bound to ask for (default: the plug-in's)")
-    parser.add_argument("--plugin-timeout", type=float, default=60.0,
-                        help="seconds an enrollment waits for the plug-in before failing (default %(default)s)")
-    parser.add_argument("--tls", action="store_true", help="connect to the plug-in over TLS")
-    parser.add_argument("--ca-cert", type=Path, help="PEM roots for --tls (default: system roots)")
-    parser.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS")
-    parser.add_argument("--client-key", type=Path, help="PEM client key for mutual TLS")
     parser.add_argument("--max-body-mb", type=float, default=64.0,
                         help="largest request body (default %(default)s MB, about 40 faces of z)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(timeout=PLUGIN_TIMEOUT)
     return parser
 
 
 def open_backend(args: argparse.Namespace) -> BackendHTTPServer:
-    """The HTTP server for ``args``, bound and ready to serve; raises BundleError, sqlite3.Error or OSError."""
-    from advface_client import GuardClient, Options, TLSConfig
+    """The HTTP server for ``args``, bound and ready to serve; raises BundleError, sqlite3.Error, OSError or ValueError."""
+    from advface_client import GuardClient, Options
 
     from reference_backend.backend import Backend
     from reference_backend.http_api import BackendHTTPServer
@@ -77,8 +78,7 @@ def open_backend(args: argparse.Namespace) -> BackendHTTPServer:
     from reference_backend.store import Store
 
     recognition = Recognition(args.bundle)
-    tls = TLSConfig(args.ca_cert, args.client_cert, args.client_key) if args.tls else None
-    plugin = GuardClient(args.plugin, tls=tls, timeout=args.plugin_timeout)
+    plugin = GuardClient(args.target, tls=tls_from_args(args), timeout=args.timeout, token=token_from_args(args))
     backend = Backend(plugin, recognition, Store(args.db), args.threshold,
                       Options(args.protector, args.steps, args.eps))
     backend.refresh_embeddings()
@@ -92,12 +92,12 @@ def _plugin_mismatch(server: BackendHTTPServer) -> str | None:
     backend = server.backend
     try:
         if backend.plugin.health() != "SERVING":
-            log.warning("the plug-in at %s is not SERVING yet; enrollments wait for it up to --plugin-timeout",
+            log.warning("the plug-in at %s is not SERVING yet; enrollments wait for it up to --timeout",
                         backend.plugin.target)
             return None
         version = backend.plugin.info().model_version
     except grpc.RpcError as e:
-        log.warning("the plug-in at %s is unreachable (%s); enrollments wait for it up to --plugin-timeout",
+        log.warning("the plug-in at %s is unreachable (%s); enrollments wait for it up to --timeout",
                     backend.plugin.target, e.code().name)
         return None
     if version != backend.recognition.bundle_version:
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         server = open_backend(args)
-    except (BundleError, sqlite3.Error, OSError) as e:
+    except (BundleError, sqlite3.Error, OSError, ValueError) as e:  # ValueError: TLS files or token file
         print(f"advface-backend: {e}", file=sys.stderr)
         return 2
     backend = server.backend
