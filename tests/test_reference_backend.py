@@ -199,7 +199,7 @@ def test_a_plugin_with_another_bundle_is_refused(live_server: LiveServer, recogn
 def test_a_new_recogniser_re_embeds_the_stored_features(recognition: Recognition, tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite3")
     protected = np.random.default_rng(0).random((2, *recognition.feature_shape), dtype=np.float32)
-    store.add("alice", protected, "some-bundle", np.zeros((2, recognition.embedding_dim), np.float32), "old-r")
+    store.add("alice", protected, "some-bundle", np.zeros((2, recognition.recognizer.embedding_dim), np.float32), "old-r")
     backend = Backend(GuardClient(f"127.0.0.1:{free_port()}"), recognition, store)
     assert backend.refresh_embeddings() == 2
     np.testing.assert_allclose(store.gallery("alice").embeddings, recognition.embed(protected), atol=1e-5)

@@ -11,7 +11,8 @@ feature is not inflated by base64 or JSON.
 
 Errors are JSON ``{"error": "..."}``: 400 bad body, 404 unknown person or route, 411/413 missing
 or oversized body, 415 unsupported Content-Type, 502 the plug-in did not protect an enrollment
-(nothing was stored). Neither bodies nor features ever reach a log line.
+(nothing was stored), 500 anything else (logged with its traceback). Neither bodies nor features
+ever reach a log line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(length))
         return features_from_body(body, self.headers.get("Content-Type", ""), self.server.backend.recognition)
 
-    def _answer(self, route) -> None:
+    def _answer(self, route: Callable[[], tuple[HTTPStatus, dict[str, Any]]]) -> None:
         try:
             status, body = route()
         except ApiError as e:
@@ -117,6 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
         except PluginError as e:
             log.error("enrollment failed: %s", e)
             status, body = HTTPStatus.BAD_GATEWAY, {"error": str(e)}
+        except Exception:  # a bug or a broken database: answered, and logged with its traceback
+            log.exception("%s %s failed", self.command, urlsplit(self.path).path)
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the backend's log"}
         payload = json.dumps(body).encode()
         if status >= 400 and self.headers.get("Content-Length"):
             self.close_connection = True  # the body may be unread: do not parse it as the next request

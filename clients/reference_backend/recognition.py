@@ -28,10 +28,6 @@ class Recognition:
         self.version = _weights_version(self.recognizer.flat_state())
         self._lock = threading.Lock()
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.recognizer.embedding_dim
-
     def features(self, faces: torch.Tensor) -> np.ndarray:
         """E(faces): (N, 3, 160, 160) in [0, 1] -> clean features z, float32 (N, C, H, W)."""
         with self._lock, torch.no_grad():
