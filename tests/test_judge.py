@@ -63,3 +63,29 @@ def test_cache_is_reused_and_invalidated_when_a_face_changes(tmp_path: Path) -> 
     assert sum(calls) == 6, "only the edited face is recomputed"
     assert torch.equal(out[2], edited[2].float().mean(dim=(1, 2)))
     assert EmbeddingCache(tmp_path, "other").embed(faces[:1], embedder) is not None and sum(calls) == 7
+
+
+def test_judge_pairs_report_scores_an_lfw_layout_pairs_file(sample_faces, tmp_path: Path) -> None:  # noqa: ANN001
+    """`advface judge-pairs`: the teacher's own numbers come from the same 10-fold code as the student's."""
+    from PIL import Image
+
+    from plugin_service.judge.pairs_report import judge_pairs_report
+
+    names = [f"person{k}" for k in range(len(sample_faces.identities))]
+    numbers: dict[int, list[int]] = {}
+    for i, label in enumerate(sample_faces.labels.tolist()):
+        numbers.setdefault(label, []).append(len(numbers.get(label, [])) + 1)
+        folder = tmp_path / names[label]
+        folder.mkdir(exist_ok=True)
+        pixels = (sample_faces.images[i].float().div(255) if sample_faces.images.dtype == torch.uint8
+                  else sample_faces.images[i]).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(folder / f"{names[label]}_{numbers[label][-1]:04d}.jpg", quality=95)
+    people = [k for k in numbers if len(numbers[k]) >= 2][:4]
+    assert len(people) >= 4
+    genuine = [f"{names[k]}\t1\t2" for k in people]
+    impostor = [f"{names[a]}\t1\t{names[b]}\t2" for a, b in zip(people, people[1:] + people[:1])]
+    (tmp_path / "pairs.txt").write_text("2\t2\n" + "\n".join(genuine[:2] + impostor[:2] + genuine[2:] + impostor[2:]) + "\n")
+    report = judge_pairs_report(load_judge(), EmbeddingCache(tmp_path / "cache", "dlib"), tmp_path, tmp_path / "pairs.txt")
+    assert report["pairs"] == 8
+    assert report["accuracy@0.6"] >= 0.75  # dlib's fixed rule on real faces
+    assert 0.5 <= report["accuracy"] <= 1.0 and report["std"] >= 0.0
