@@ -1,24 +1,30 @@
-"""`advface bench`: measured throughput of the engine alone and of the whole service over gRPC.
+"""`advface bench`: the eager reference and the optimised engine, measured in one process on the same inputs.
 
-Prints numbers it measured on this machine, nothing else; the README and deploy/README.md
-quote its output with the command line that produced it.
+Prints numbers it measured on this machine, nothing else; the README quotes its output with the
+command line that produced it. Runs of the two engines alternate, so a machine shared with other
+work slows both alike and the speed-up stays meaningful when the absolute numbers do not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import platform
-import statistics
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from plugin_service.bundle import load_bundle
-from plugin_service.engine import Engine
+from plugin_service.engine import Engine, EngineResult
+from plugin_service.engine_settings import EngineSettings
 from plugin_service.protect import ProtectorParams
 
 
@@ -34,41 +40,210 @@ def _features(bundle_path: Path | None, n: int) -> np.ndarray:
     return np.concatenate([z] * (n // len(z) + 1))[:n]
 
 
-def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], repeats: int, steps: int | None) -> None:
-    engine = Engine(load_bundle(bundle_path), device)
-    params = ProtectorParams(steps=steps)
-    engine.protect(_features(bundle_path, 2), params=params)  # warm-up
-    print(f"engine: bundle {engine.bundle.version}, {engine.bundle.manifest.shadow.arch} width "
-          f"{engine.bundle.manifest.shadow.width}, steps {steps or engine.bundle.manifest.pgd.steps}, device {engine.device}, "
-          f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
-    for n in batch_sizes:
-        z = _features(bundle_path, n)
-        times = [engine.protect(z, params=params).compute_seconds for _ in range(repeats)]
-        med = statistics.median(times)
-        print(f"  batch {n:4d}: median {med:7.2f} s per batch over {repeats} runs "
-              f"(min {min(times):.2f}, max {max(times):.2f}) = {n / med:8.2f} faces/s")
+def machine_peak_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """The best GFLOP/s of a large float32 matmul: the machine's practical peak, measured now."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
 
 
-def bench_service(bundle_path: Path | None, device: str, batch: int, batches: int, steps: int | None) -> None:
-    from advface_client.client import GuardClient
+def _timed(fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_rss() -> Iterator[list[int]]:
+    """Samples resident memory every 5 ms while the block runs; yields a one-element list with the peak."""
+    peak = [_rss_bytes()]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+        peak[0] = max(peak[0], _rss_bytes())
+
+
+@dataclass
+class EngineRun:
+    """One engine on one protector and batch size: ``repeats`` timed batches."""
+
+    engine: str
+    latencies: list[float]
+    batch: int
+    peak_rss_mb: float
+    flops_per_face: float
+    mean_steps: float
+    gain: float  # mean shadow loss after/before; NaN without a shadow model
+    faces_per_s: float = 0.0
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+    gflops: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.faces_per_s = self.batch * len(self.latencies) / sum(self.latencies)
+        self.p50, self.p90, self.p99 = (float(np.percentile(self.latencies, q)) for q in (50, 90, 99))
+        self.gflops = self.flops_per_face * self.faces_per_s / 1e9
+
+
+@dataclass
+class Comparison:
+    protector: str
+    batch: int
+    reference: EngineRun
+    optimised: EngineRun
+    compile_seconds: float  # the optimised engine's first batch of this size, untimed otherwise
+    speedup: float = 0.0
+    max_feature_diff: float = 0.0
+    feature_diff_fraction: float = 0.0  # elements that differ at all
+    max_loss_rel_diff: float = 0.0  # per face, shadow loss after protection
+    gain_rel_diff: float = 0.0  # mean privacy gain, optimised vs reference
+    peak_fraction: dict[str, float] = field(default_factory=dict)
+
+
+def _gain(r: EngineResult) -> float:
+    return float(np.mean(r.shadow_loss_after / r.shadow_loss_before))
+
+
+def _diff(a: EngineResult, b: EngineResult) -> tuple[float, float, float]:
+    d = np.abs(a.features.astype(np.float64) - b.features)
+    loss = np.abs(b.shadow_loss_after / a.shadow_loss_after - 1)
+    return float(d.max()), float((d > 0).mean()), float(np.nan_to_num(loss, nan=0.0).max())
+
+
+def _flops(engine: Engine, z: np.ndarray, protector: str, params: ProtectorParams) -> float:
+    """FLOPs per face counted on the eager reference (the optimised engine does the same arithmetic per step)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        engine.protect(z, protector, params, torch.Generator().manual_seed(0))
+    return counter.get_total_flops() / len(z)
+
+
+class Bench:
+    """Both engines on one bundle (loaded twice, so channels-last weights never reach the reference)."""
+
+    def __init__(self, bundle_path: Path | None, device: str, settings: EngineSettings, steps: int | None) -> None:
+        self.reference = Engine(load_bundle(bundle_path), device, settings=EngineSettings.reference())
+        self.optimised = Engine(load_bundle(bundle_path), device, settings=settings)
+        self.bundle_path, self.params = bundle_path, ProtectorParams(steps=steps)
+        self.steps = steps or self.reference.bundle.manifest.pgd.steps
+        self._per_step: tuple[float, float] | None = None
+
+    def _advface_flops(self, z: np.ndarray, steps: float) -> float:
+        """Setup + ``steps`` PGD steps per face, from counts at 0 and 1 steps on one face."""
+        if self._per_step is None:
+            zero, one = (_flops(self.reference, z[:1], "advface", replace(self.params, steps=s)) for s in (0, 1))
+            self._per_step = (zero, one - zero)
+        setup, per_step = self._per_step
+        return setup + per_step * steps
+
+    def compare(self, protector: str, n: int, repeats: int) -> Comparison:
+        z = _features(self.bundle_path, n)
+        compile_seconds = _timed(lambda: self._run(self.optimised, z, protector))
+        runs: dict[str, list[EngineResult]] = {"reference": [], "optimised": []}
+        peaks = {"reference": 0, "optimised": 0}
+        for i in range(repeats):  # alternate the order so neither engine always runs first
+            for name in (("reference", "optimised") if i % 2 == 0 else ("optimised", "reference")):
+                with peak_rss() as peak:
+                    runs[name].append(self._run(getattr(self, name), z, protector))
+                peaks[name] = max(peaks[name], peak[0])
+        out = {}
+        for name, results in runs.items():
+            steps = float("nan")
+            if protector == "advface":
+                early = name == "optimised" and self.optimised.settings.early_stop
+                steps = float(np.mean(results[0].steps)) if early else float(self.steps)
+                flops = self._advface_flops(z, float(np.max(results[0].steps)) if early else self.steps)
+            else:
+                flops = _flops(self.reference, z[: min(n, 2)], protector, self.params)
+            gain = _gain(results[0]) if protector == "advface" else float("nan")
+            out[name] = EngineRun(name, [r.compute_seconds for r in results], n, peaks[name] / 2**20, flops, steps, gain)
+        ref, opt = runs["reference"][0], runs["optimised"][0]
+        max_diff, fraction, loss_diff = _diff(ref, opt)
+        gain_diff = out["optimised"].gain / out["reference"].gain - 1 if protector == "advface" else 0.0
+        return Comparison(protector, n, out["reference"], out["optimised"], compile_seconds,
+                          out["optimised"].faces_per_s / out["reference"].faces_per_s, max_diff, fraction, loss_diff,
+                          gain_diff)
+
+    def _run(self, engine: Engine, z: np.ndarray, protector: str) -> EngineResult:
+        return engine.protect(z, protector, self.params, torch.Generator().manual_seed(0))
+
+
+def _row(c: Comparison, run: EngineRun, peak: float) -> str:
+    gflops = f"{run.gflops:8.1f} {100 * run.gflops / peak:5.1f}%" if run.flops_per_face else f"{'-':>8s} {'-':>6s}"
+    return (f"{c.protector:8s} {c.batch:5d} {run.engine:9s} {run.faces_per_s:8.2f} {run.p50:7.2f} {run.p90:7.2f} "
+            f"{run.p99:7.2f} {run.peak_rss_mb:8.0f} {run.flops_per_face / 1e9:9.2f} {gflops} {run.mean_steps:6.1f}")
+
+
+def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], repeats: int, steps: int | None,
+                 settings: EngineSettings, protectors: list[str], json_path: Path | None) -> list[Comparison]:
+    bench = Bench(bundle_path, device, settings, steps)
+    peak = machine_peak_gflops()
+    b = bench.reference.bundle
+    print(f"bundle {b.version}, {b.manifest.shadow.arch} width {b.manifest.shadow.width}, steps {bench.steps}, "
+          f"device {bench.reference.device}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}; peak (2048x2048 float32 matmul) {peak:.1f} GFLOP/s")
+    print(f"optimised: {settings}")
+    print(f"{'protector':8s} {'batch':>5s} {'engine':9s} {'faces/s':>8s} {'p50 s':>7s} {'p90 s':>7s} {'p99 s':>7s} "
+          f"{'RSS MB':>8s} {'GFLOP/f':>9s} {'GFLOP/s':>8s} {'peak':>6s} {'steps':>6s}")
+    comparisons = []
+    for protector in protectors:
+        for n in batch_sizes:
+            c = bench.compare(protector, n, repeats)
+            for run in (c.reference, c.optimised):
+                c.peak_fraction[run.engine] = run.gflops / peak
+                print(_row(c, run, peak))
+            print(f"{'':14s} speed-up {c.speedup:.2f}x; outputs: max |diff| {c.max_feature_diff:.3g}, "
+                  f"{100 * c.feature_diff_fraction:.2f}% of elements differ; shadow loss after: max rel diff "
+                  f"{c.max_loss_rel_diff:.2%}; mean privacy gain {c.gain_rel_diff:+.2%} "
+                  f"(first optimised batch incl. compilation {c.compile_seconds:.1f} s)", flush=True)
+            comparisons.append(c)
+    if json_path is not None:
+        json_path.write_text(json.dumps({
+            "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "peak_gflops": peak,
+                        "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+            "bundle": b.version, "steps": bench.steps, "repeats": repeats, "optimised_settings": asdict(settings),
+            "results": [asdict(c) for c in comparisons]}, indent=2))
+        print(f"wrote {json_path}")
+    return comparisons
+
+
+def bench_service(bundle_path: Path | None, device: str, batch: int, batches: int, steps: int | None,
+                  settings: EngineSettings, streams: int = 1) -> float:
+    """Faces/s end to end: a local server on loopback, ``streams`` concurrent streams of ``batches`` batches each."""
+    from advface_client.loadgen import LoadSpec, run_load
 
     from plugin_service.config import ServerSettings
     from plugin_service.server.app import drain_and_stop, start_server
-    from advface.codec import Options
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    settings = replace(ServerSettings(), bundle=bundle_path, host="127.0.0.1", port=0, metrics_port=0, device=device)
-    running = asyncio.run_coroutine_threadsafe(start_server(settings.validate()), loop).result()
-    z = _features(bundle_path, batch)
+    server_settings = replace(ServerSettings(), bundle=bundle_path, host="127.0.0.1", port=0, metrics_port=0,
+                              device=device, warmup_faces=batch)  # the warm-up compiles this batch size
+    running = asyncio.run_coroutine_threadsafe(start_server(server_settings.validate(), engine_settings=settings),
+                                               loop).result()
     try:
-        with GuardClient(f"127.0.0.1:{running.port}") as client:
-            start = time.perf_counter()
-            n = sum(len(r.features) for r in client.protect_stream(((f"b{i}", z) for i in range(batches)),
-                                                                     Options(steps=steps or 0)))
-            seconds = time.perf_counter() - start
-        print(f"service over gRPC (loopback, float32, {batches} batches of {batch} streamed): "
-              f"{n} faces in {seconds:.2f} s = {n / seconds:.2f} faces/s")
+        report = run_load(LoadSpec(target=f"127.0.0.1:{running.port}", streams=streams, batches=batches,
+                                   batch_size=batch, steps=steps or 0, duration_limit=3600.0),
+                          _features(bundle_path, batch))
+        print(f"service over gRPC (loopback, float32, {streams} stream(s) x {batches} batches of {batch}): {report}")
+        return report.faces_per_s
     finally:
         asyncio.run_coroutine_threadsafe(drain_and_stop(running, 10), loop).result()
         loop.call_soon_threadsafe(loop.stop)

@@ -147,18 +147,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from plugin_service.config import settings_from_args
+    from plugin_service.engine_settings import engine_settings_from_args
     from plugin_service.server.app import serve
 
     from plugin_service.runtime import pick_device
 
     try:
         settings = settings_from_args(args)
+        engine_settings = engine_settings_from_args(args)
         pick_device(settings.device)  # a bad --device fails here, before a port is opened or a model loaded
     except (ValueError, RuntimeError) as e:
         print(f"advface serve: {e}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, engine_settings))
     return 0
 
 
@@ -168,7 +170,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC plug-in service",
                        description="Serve AdvFace over gRPC (advface.v1.AdvFaceGuard, grpc.health.v1, reflection) "
                        "with Prometheus metrics. Every flag can also be set by the environment variable shown.")
+    from plugin_service.engine_settings import add_engine_arguments
+
     add_settings_arguments(p)
+    add_engine_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
 
@@ -228,16 +233,33 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from plugin_service.benchmark import bench_engine, bench_service
+    from plugin_service.engine_settings import engine_settings_from_args
 
-    bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps)
+    if args.torch_threads > 0:
+        torch_threads(args.torch_threads)
+    settings = engine_settings_from_args(args)
+    bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps, settings, args.protectors,
+                 args.json)
     if args.service_batches:
-        bench_service(args.bundle, args.device, args.batch_sizes[-1], args.service_batches, args.steps)
+        bench_service(args.bundle, args.device, args.batch_sizes[-1], args.service_batches, args.steps, settings,
+                      args.service_streams)
     return 0
 
 
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from plugin_service.engine_settings import add_engine_arguments
+
     p = sub.add_parser("bench", help="measure engine and service throughput on this machine",
-                       description="Times the AdvFace engine on batches of real sample-face features, then "
+                       description="Runs the eager reference engine and the optimised one (the speed-up flags below) "
+                       "alternately on the same batches of real sample-face features and prints, per protector and "
+                       "batch size: faces/s, batch latency percentiles, peak RSS, FLOPs per face, GFLOP/s against a "
+                       "matmul peak measured in the same run, the speed-up and the largest output differences; then "
                        "(optionally) the whole service over gRPC on loopback. Prints measured numbers only.")
     p.add_argument("--bundle", type=Path, help="bundle to benchmark (default: the embedded bundle)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -245,41 +267,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size")
     p.add_argument("--steps", type=int, help="PGD steps (default: the bundle's)")
     p.add_argument("--service-batches", type=int, default=4,
-                   help="batches (of the largest size) to stream through a local server; 0 skips it")
+                   help="batches (of the largest size) per stream through a local server; 0 skips it")
+    p.add_argument("--service-streams", type=int, default=1, help="concurrent streams to the local server")
+    p.add_argument("--protectors", nargs="+", default=["advface"], choices=("advface", "resynth", "random", "dp"),
+                   help="protectors to measure (default: advface)")
+    p.add_argument("--torch-threads", type=int, default=0, help="CPU threads for PyTorch (0: its default)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    add_engine_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_shadow_check(args: argparse.Namespace) -> int:
     from plugin_service.bundle import default_recognizer_path
     from plugin_service.evaluation.shadow_check import format_table, shadow_check
-def _cmd_judge_pairs(args: argparse.Namespace) -> int:
-    from plugin_service.judge import EmbeddingCache, JudgeNotInstalled, load_judge
-    from plugin_service.judge.pairs_report import format_report, judge_pairs_report
-    from plugin_service.runtime import judge_cache_dir
-
-    try:
-        judge = load_judge()
-    except JudgeNotInstalled as exc:
-        print(f"advface judge-pairs: {exc}", file=sys.stderr)
-        return 2
-    cache = EmbeddingCache(args.judge_cache_dir or judge_cache_dir(), judge.name)
-    print(f"{judge.name} on {args.pairs}: " + format_report(judge_pairs_report(judge, cache, args.data, args.pairs,
-                                                                              args.pairs_per_fold)))
-    return 0
-
-
-def _add_judge_pairs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("judge-pairs", help="the dlib judge/teacher's own verification numbers on a pairs file",
-                       description="10-fold accuracy, fold spread and TAR@FAR of the dlib judge (the distillation "
-                       "teacher) on an LFW-format pairs file, scored like every recogniser here, plus its accuracy "
-                       "at dlib's fixed 0.6 distance. Embeddings are cached by pixel hash.")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder the pairs refer to")
-    p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs.txt over --data")
-    p.add_argument("--pairs-per-fold", type=int, help="only this many matched and mismatched pairs per fold")
-    p.add_argument("--judge-cache-dir", type=Path, help="embedding cache (default: ~/.cache/advface/judge)")
-    p.set_defaults(func=_cmd_judge_pairs)
-
-
     from plugin_service.models.recognizer import load_recognizer
     from plugin_service.runtime import pick_device
 
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow,
-                _add_bundle_add_recognizer, _add_shadow_check, _add_judge_pairs,
+                _add_bundle_add_recognizer, _add_shadow_check,
                 add_evaluate_parser, add_finetune_head_parser):
         add(sub)
     return parser

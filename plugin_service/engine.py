@@ -15,8 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from plugin_service import hostmem
 from plugin_service.bundle import Bundle
-from plugin_service.protect import ProtectorParams, build_protector
+from plugin_service.engine_settings import EngineSettings
+from plugin_service.protect import Protector, ProtectorParams, build_protector
+from plugin_service.protect.early_stop import EarlyStop
+from plugin_service.protect.pgd_fast import FastAdvFace
+from plugin_service.protect.shadow_step import ShadowStep
 from plugin_service.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -30,17 +35,27 @@ class EngineResult:
     perturbation_norm: np.ndarray
     compute_seconds: float
     cosine: np.ndarray  # (N,) resynth: cos(R(stored), R(z)); NaN for other protectors
-    steps: np.ndarray  # (N,) resynth: optimiser steps; NaN for other protectors
+    steps: np.ndarray  # (N,) resynth: optimiser steps; advface (optimised engine): PGD steps taken; else NaN
 
 
 class Engine:
-    """Runs protectors of one bundle on one device."""
+    """Runs protectors of one bundle on one device, with the speed-ups ``settings`` switch on.
 
-    def __init__(self, bundle: Bundle, device: str = "auto", torch_threads: int = 0) -> None:
+    ``EngineSettings.reference()`` runs today's plain eager loop; `advface bench` runs both in one
+    process on the same inputs.
+    """
+
+    def __init__(self, bundle: Bundle, device: str = "auto", torch_threads: int = 0,
+                 settings: EngineSettings = EngineSettings()) -> None:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.device = pick_device(device)
         self.bundle = bundle.to(self.device)
+        self.settings = settings.validate()
+        if settings.channels_last:
+            self.bundle.shadow.to(memory_format=torch.channels_last)
+        # One step function per engine: its compilation (once per batch size) outlives each call's protector.
+        self._step = None if settings.is_reference else ShadowStep(self.bundle.shadow, compile=settings.compile)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -49,11 +64,25 @@ class Engine:
     def default_params(self) -> dict[str, Any]:
         return build_protector("advface", self.bundle).params()
 
+    def protector(self, name: str, params: ProtectorParams = ProtectorParams(),
+                  generator: torch.Generator | None = None) -> Protector:
+        """The named protector on this engine's models; AdvFace with the engine's speed-ups unless reference."""
+        if name != "advface" or self._step is None:
+            return build_protector(name, self.bundle, params, generator)
+        p = params.resolved(self.bundle)
+        assert p.steps is not None and p.alpha is not None and p.eps is not None and p.norm is not None
+        s = self.settings
+        return FastAdvFace(self.bundle.extractor, self.bundle.shadow, self._step, eps=p.eps, alpha=p.alpha,
+                           steps=p.steps, norm=p.norm, channels_last=s.channels_last,
+                           early_stop=EarlyStop(s.patience, s.min_gain) if s.early_stop else None,
+                           check_every=s.check_every)
+
     def protect(self, features: np.ndarray, protector: str = "advface",
-                params: ProtectorParams = ProtectorParams()) -> EngineResult:
+                params: ProtectorParams = ProtectorParams(), generator: torch.Generator | None = None) -> EngineResult:
         """Protects one batch exactly as the client grouped it (its faces share BN statistics)."""
         start = time.perf_counter()
-        engine = build_protector(protector, self.bundle, params)
+        hostmem.set_reuse(self.settings.reuse_host_memory)  # process-wide: set per call so engines can alternate
+        engine = self.protector(protector, params, generator)
         z = torch.from_numpy(features).to(self.device)
         result = engine(z)
         nan = np.full(len(features), np.nan, dtype=np.float32)

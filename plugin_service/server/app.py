@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from plugin_service.bundle import BundleError, load_bundle
 from plugin_service.config import ServerSettings
 from plugin_service.engine import Engine
+from plugin_service.engine_settings import EngineSettings
 from plugin_service.server.batcher import ByteBudget, DeviceQueue, Job
 from advface.codec import UNARY_MAX_BYTES, BatchLimits
 from plugin_service.server.auth import TokenAuthInterceptor, TokenFileError, load_tokens
@@ -106,7 +107,8 @@ def _add_port(server: grpc.aio.Server, settings: ServerSettings) -> int:
     return server.add_secure_port(address, credentials)
 
 
-async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None = None) -> RunningServer:
+async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None = None,
+                       engine_settings: EngineSettings = EngineSettings()) -> RunningServer:
     """Builds and starts the server; returns once it is SERVING (bundle loaded, warmed up)."""
     metrics = metrics or ServiceMetrics()
     limit = settings.max_message_mb * 2**20
@@ -158,7 +160,7 @@ async def start_server(settings: ServerSettings, metrics: ServiceMetrics | None 
     except StartupError:
         await server.stop(0)
         raise
-    engine = Engine(bundle, settings.device, settings.torch_threads)
+    engine = Engine(bundle, settings.device, settings.torch_threads, engine_settings)
     metrics.device_capacity.set(engine.memory_capacity())
 
     def run(job: Job):  # noqa: ANN202 - EngineResult, kept out of the server's imports' concerns
@@ -206,9 +208,9 @@ async def drain_and_stop(running: RunningServer, grace: float) -> None:
     log.info("stopped")
 
 
-async def serve(settings: ServerSettings) -> None:
+async def serve(settings: ServerSettings, engine_settings: EngineSettings = EngineSettings()) -> None:
     try:
-        running = await start_server(settings)
+        running = await start_server(settings, engine_settings=engine_settings)
     except StartupError as e:
         raise SystemExit(f"advface serve: {e}") from None
     stop = asyncio.Event()
