@@ -178,20 +178,50 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from advface_client.connection import tls_from_args, token_from_args
+
     from plugin_service.demo import run_demo
 
-    return run_demo(args.faces, args.out, args.batch_size, args.bundle)
+    server_args: list[str] = []
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+        if getattr(args, name) is not None:
+            server_args += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    try:
+        tls, token = tls_from_args(args), token_from_args(args)
+    except (OSError, ValueError) as e:
+        print(f"advface demo: {e}", file=sys.stderr)
+        return 2
+    if (args.tls_cert or os.environ.get("ADVFACE_TLS_CERT")) and tls is None:
+        print("advface demo: the server will use TLS; give the client --ca-cert (and --server-name if the certificate "
+              "does not name 127.0.0.1)", file=sys.stderr)
+        return 2
+    if (args.auth_tokens or os.environ.get("ADVFACE_AUTH_TOKENS")) and token is None:
+        print("advface demo: the server will require a bearer token; give the client --token-file or ADVFACE_TOKEN",
+              file=sys.stderr)
+        return 2
+    return run_demo(args.faces, args.out, args.batch_size, args.bundle, tuple(server_args), tls, token, args.timeout)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from advface_client.connection import connection_parser
+
     p = sub.add_parser("demo", help="start the service, stream an enrollment of the sample faces through it, stop",
                        description="End-to-end demo on the embedded bundle and sample faces: starts `advface serve`, "
                        "enrolls the faces through the client library, prints faces/s, the privacy gain and metrics, "
-                       "then stops the server with SIGTERM.")
+                       "then stops the server with SIGTERM. The --tls-* and --auth-tokens flags (or their ADVFACE_* "
+                       "variables) secure the server; the connection flags make the client match.",
+                       parents=[connection_parser(with_defaults=True, with_target=False)])
     p.add_argument("--faces", type=Path, help="faces to enroll (default: the embedded sample faces)")
     p.add_argument("--out", type=Path, help="enrollment output directory (default: a new temporary directory)")
     p.add_argument("--bundle", type=Path, help="bundle to serve (default: the embedded bundle)")
     p.add_argument("--batch-size", type=int, default=16)
+    server = p.add_argument_group("server security (passed to `advface serve`)")
+    server.add_argument("--tls-cert", type=Path, help="PEM certificate chain for the server's TLS")
+    server.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    server.add_argument("--tls-client-ca", type=Path, help="CA of client certificates (mutual TLS)")
+    server.add_argument("--auth-tokens", type=Path, help="the server's bearer token file")
     p.set_defaults(func=_cmd_demo)
 
 
