@@ -1,0 +1,157 @@
+"""The engine's speed-ups give the reference's results: exactly, within float tolerance, or as documented."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from plugin_service.bundle import load_bundle
+from plugin_service.engine import Engine
+from plugin_service.engine_settings import EngineSettings
+from plugin_service.models.extractor import Extractor, freeze
+from plugin_service.models.shadow import ShadowSpec, batch_statistics, build_shadow
+from plugin_service.protect import ProtectorParams
+from plugin_service.protect.early_stop import EarlyStop, StopTracker
+from plugin_service.protect.pgd_fast import FastAdvFace
+from plugin_service.protect.shadow_step import ShadowStep
+
+
+def _features(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 64, 77, 77), dtype=np.float32)
+
+
+def _tiny() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return freeze(Extractor()), freeze(build_shadow(ShadowSpec(width=4, depth=1)))
+
+
+def _step_inputs(n: int = 3) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    extractor, shadow = _tiny()
+    z = torch.from_numpy(_features(n))
+    with torch.no_grad(), batch_statistics():
+        image = shadow(z)
+        base = extractor(image)
+    delta = 0.2 * torch.randint(-1, 2, base.shape, generator=torch.Generator().manual_seed(1)).float()
+    return shadow, base, delta, image
+
+
+def test_host_memory_reuse_and_the_step_object_change_no_bit(tiny_bundle: Path) -> None:
+    z = _features(4)
+    params = ProtectorParams(steps=3)
+    ref = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings.reference()).protect(z, params=params)
+    fast = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings()).protect(z, params=params)
+    np.testing.assert_array_equal(fast.features, ref.features)
+    np.testing.assert_array_equal(fast.shadow_loss_after, ref.shadow_loss_after)
+    np.testing.assert_array_equal(fast.steps, np.full(4, 3.0))
+
+
+def _assert_step_close(step: ShadowStep, shadow: nn.Module, base: torch.Tensor, delta: torch.Tensor,
+                       image: torch.Tensor) -> None:
+    with batch_statistics():
+        loss, grad = step(base, delta, image)
+        ref_loss, ref_grad = ShadowStep(shadow, compile=False)(base, delta, image)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-9)
+    significant = ref_grad.abs() > 1e-3 * ref_grad.abs().max()
+    assert torch.equal(grad.sign()[significant], ref_grad.sign()[significant])
+
+
+def test_compiled_step_matches_the_eager_step() -> None:
+    shadow, base, delta, image = _step_inputs()
+    step = ShadowStep(shadow, compile=True)
+    _assert_step_close(step, shadow, base, delta, image)
+    assert step.compiling, "torch.compile fell back to eager on CPU"
+
+
+def test_channels_last_step_matches_the_contiguous_step() -> None:
+    shadow, base, delta, image = _step_inputs()
+    cl_shadow = build_shadow(ShadowSpec(width=4, depth=1))
+    cl_shadow.load_state_dict(shadow.state_dict())
+    cl_shadow = freeze(cl_shadow).to(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    with batch_statistics():
+        loss, grad = ShadowStep(cl_shadow, compile=False)(base.contiguous(memory_format=cl),
+                                                          delta.contiguous(memory_format=cl), image)
+        ref_loss, ref_grad = ShadowStep(shadow, compile=False)(base, delta, image)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-9)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    def broken_backend(graph, example_inputs):  # noqa: ANN001, ANN202 - the torch.compile backend signature
+        raise RuntimeError("no compiler here")
+
+    shadow, base, delta, image = _step_inputs()
+    step = ShadowStep(shadow, compile=True, backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="plugin_service.protect.shadow_step"):
+        _assert_step_close(step, shadow, base, delta, image)
+        _assert_step_close(step, shadow, base, delta, image)
+    assert not step.compiling
+    assert len([r for r in caplog.records if "torch.compile" in r.getMessage()]) == 1
+
+
+class _Offset(nn.Module):
+    """A stand-in E whose features sit above the input, so S(E(S(z))) > S(z) at every pixel."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(image.mean(1, keepdim=True), size=(77, 77)).expand(-1, 64, -1, -1) + 1.0
+
+
+class _Monotone(nn.Module):
+    """A stand-in S increasing in every input: the loss gradient keeps one sign, so PGD reaches a fixed point."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(z.mean(1, keepdim=True), size=(160, 160)).expand(-1, 3, -1, -1) * 0.01
+
+
+def test_early_stop_ends_a_face_whose_state_repeats_with_the_full_runs_result() -> None:
+    extractor, shadow = _Offset(), _Monotone()
+    z = torch.rand(2, 64, 77, 77)
+    step = ShadowStep(shadow, compile=False)
+    full = FastAdvFace(extractor, shadow, step, steps=10)(z)
+    early = FastAdvFace(extractor, shadow, step, steps=10, early_stop=EarlyStop(patience=100), check_every=1)(z)
+    torch.testing.assert_close(early.features, full.features, rtol=0, atol=0)
+    assert early.steps is not None and torch.equal(early.steps, torch.tensor([2.0, 2.0]))
+
+
+def test_early_stop_results_do_not_depend_on_how_often_the_host_checks() -> None:
+    extractor, shadow = _tiny()
+    z = torch.from_numpy(_features(3))
+    step = ShadowStep(shadow, compile=False)
+    runs = [FastAdvFace(extractor, shadow, step, steps=12, early_stop=EarlyStop(patience=2, min_gain=0.05),
+                        check_every=k)(z) for k in (1, 5, 12)]
+    for run in runs[1:]:
+        torch.testing.assert_close(run.features, runs[0].features, rtol=0, atol=0)
+        torch.testing.assert_close(run.steps, runs[0].steps, rtol=0, atol=0)
+        torch.testing.assert_close(run.shadow_loss_after, runs[0].shadow_loss_after, rtol=0, atol=0)
+
+
+def test_a_plateaued_face_stops_at_its_best_state_while_a_rising_one_goes_on() -> None:
+    delta = torch.zeros(2, 1, 1, 1)
+    tracker = StopTracker(EarlyStop(patience=2, min_gain=0.1), delta)
+    losses = [(1.0, 1.0), (2.0, 1.05), (3.0, 1.02), (4.0, 1.04)]
+    for step, (rising, flat) in enumerate(losses):
+        current = delta
+        delta = tracker.update(step, torch.tensor([rising, flat]), current, current + 1.0)
+    assert tracker.active.tolist() == [True, False]
+    assert tracker.steps.tolist() == [4, 3]
+    assert delta.flatten().tolist() == [4.0, 1.0]  # the flat face keeps its best state: loss 1.05 at step 1
+    assert not tracker.all_stopped()
+
+
+def test_optimised_engine_keeps_the_privacy_gain_of_the_reference(tiny_bundle: Path) -> None:
+    """Reordered float arithmetic (channels-last) may move a few elements by a step; the gain stays."""
+    z = _features(4)
+    params = ProtectorParams(steps=3)
+    ref = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings.reference()).protect(z, params=params)
+    fast = Engine(load_bundle(tiny_bundle), "cpu",
+                  settings=EngineSettings(channels_last=True)).protect(z, params=params)
+    gain, ref_gain = fast.shadow_loss_after / fast.shadow_loss_before, ref.shadow_loss_after / ref.shadow_loss_before
+    np.testing.assert_allclose(fast.shadow_loss_before, ref.shadow_loss_before, rtol=1e-5)
+    np.testing.assert_allclose(gain, ref_gain, rtol=0.02)
+    assert np.abs(fast.features - ref.features).max() <= 2 * 0.2 + 1e-5
