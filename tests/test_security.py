@@ -274,3 +274,19 @@ def test_reflection_v1_answers_on_a_plain_server(live_server: LiveServer) -> Non
     with grpc.insecure_channel(live_server.address) as channel:
         listed = _reflect(channel, "v1", reflection_pb2.ServerReflectionRequest(list_services=""), ())
     assert "advface.v1.AdvFaceGuard" in {s.name for s in listed.list_services_response.service}
+
+
+def test_the_demo_runs_secured_end_to_end(tiny_bundle: Path, pki: Pki, token_file: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from plugin_service.cli import main as advface_main
+
+    token = tmp_path / "token"
+    token.write_text(GOOD)
+    common = ["demo", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "out"), "--tls-cert", str(pki.server_cert),
+              "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca), "--auth-tokens", str(token_file),
+              "--ca-cert", str(pki.ca), "--client-cert", str(pki.client_cert), "--client-key", str(pki.client_key)]
+    assert advface_main([*common, "--token-file", str(token)]) == 0
+    out = capsys.readouterr().out
+    assert "[demo] enrolled " in out and "server drained and exited with code 0" in out
+    assert advface_main(common) == 2  # a secured server and no token: refused before anything starts
+    assert "give the client --token-file or ADVFACE_TOKEN" in capsys.readouterr().err
