@@ -247,3 +247,32 @@ def bench_service(bundle_path: Path | None, device: str, batch: int, batches: in
     finally:
         asyncio.run_coroutine_threadsafe(drain_and_stop(running, 10), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def profile_step(bundle_path: Path | None, device: str, batch_sizes: list[int], settings: EngineSettings,
+                 rows: int = 8) -> None:
+    """One PGD step per engine and batch size under torch.profiler, with the minor page faults it caused.
+
+    This is how the batch-size scaling was diagnosed: the eager step's convolutions got slower per
+    face from batch 8 to 32 while the step page-faulted its 160x160 activations in afresh each time.
+    """
+    import resource
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, engine_settings in (("reference", EngineSettings.reference()), ("optimised", settings)):
+        # eager kernels (compilation would hide them in one fused graph), every step
+        engine = Engine(load_bundle(bundle_path), device, settings=replace(engine_settings, compile=False,
+                                                                            early_stop=False))
+        for n in batch_sizes:
+            z = _features(bundle_path, n)
+            engine.protect(z, params=ProtectorParams(steps=1))  # allocator and caches warm
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                engine.protect(z, params=ProtectorParams(steps=2))
+                seconds = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            print(f"{name}, batch {n}: 2 PGD steps (and the setup) in {seconds:.2f} s = "
+                  f"{1e3 * seconds / (2 * n):.1f} ms per face-step, {faults / 2:,.0f} minor page faults per step")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))

@@ -262,12 +262,15 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from plugin_service.benchmark import bench_engine, bench_service
+    from plugin_service.benchmark import bench_engine, bench_service, profile_step
     from plugin_service.engine_settings import engine_settings_from_args
 
     if args.torch_threads > 0:
         torch_threads(args.torch_threads)
     settings = engine_settings_from_args(args)
+    if args.profile:
+        profile_step(args.bundle, args.device, args.batch_sizes, settings)
+        return 0
     bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps, settings, args.protectors,
                  args.json)
     if args.service_batches:
@@ -303,6 +306,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="protectors to measure (default: advface)")
     p.add_argument("--torch-threads", type=int, default=0, help="CPU threads for PyTorch (0: its default)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: profile one eager PGD step per engine and batch size (torch.profiler, page faults)")
     add_engine_arguments(p)
     p.set_defaults(func=_cmd_bench)
 
