@@ -21,7 +21,11 @@ from advface_client.cli import main as client_main
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from plugin_service.config import ServerSettings, add_settings_arguments, settings_from_args
+from plugin_service.config import (
+    ServerSettings,
+    add_settings_arguments,
+    settings_from_args,
+)
 from plugin_service.server.app import StartupError, start_server
 from plugin_service.server.auth import TokenFileError, load_tokens
 from tests.certs import Pki, make_pki
