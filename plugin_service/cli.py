@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from plugin_service.enroll_cli import add_enroll_parser
 from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
     add_finetune_head_parser,
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_serve, _add_bench, _add_models, _add_train_recognizer, _add_train_shadow,
-                _add_bundle_add_recognizer, _add_shadow_check, _add_judge_pairs,
+                _add_bundle_add_recognizer, _add_shadow_check, _add_judge_pairs, add_enroll_parser,
                 add_evaluate_parser, add_finetune_head_parser):
         add(sub)
     return parser

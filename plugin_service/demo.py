@@ -40,7 +40,7 @@ def run_demo(faces: Path | None = None, out: Path | None = None, batch_size: int
              server_args: tuple[str, ...] = (), tls: TLSConfig | None = None, token: str | None = None,
              timeout: float | None = None) -> int:
     from advface_client.client import GuardClient
-    from advface_client.enroll import enroll
+    from plugin_service.enroll import enroll
 
     from plugin_service.bundle import load_bundle
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from advface_client.cli import main as client_main
+from plugin_service.cli import main as advface_main
 
 from plugin_service.bundle import load_bundle, sample_faces_path
 from plugin_service.faces import list_images
@@ -30,7 +31,7 @@ def _enrolled(out: Path) -> list[str]:
 
 
 def _enroll_cmd(live: LiveServer, bundle: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "advface_client.cli", "--target", live.address, "enroll",
+    return [sys.executable, "-m", "plugin_service.cli", "enroll", "--target", live.address,
             "--input", str(sample_faces_path()), "--out", str(out), "--bundle", str(bundle), "--no-progress", *extra]
 
 
@@ -63,7 +64,7 @@ def test_enroll_precomputed_features_and_report_bad_batches(live_server: LiveSer
                                                             capsys) -> None:  # noqa: ANN001
     z = np.random.default_rng(0).random((5, 64, 77, 77), dtype=np.float32)
     np.save(tmp_path / "feats.npy", z)
-    code = client_main(["--target", live_server.address, "enroll", "--input", str(tmp_path / "feats.npy"),
+    code = advface_main(["enroll", "--target", live_server.address, "--input", str(tmp_path / "feats.npy"),
                         "--out", str(tmp_path / "o"), "--batch-size", "2", "--no-progress", "--wire-dtype", "float16"])
     assert code == 0
     assert _enrolled(tmp_path / "o") == [f"feats:{i}" for i in range(5)]
@@ -71,7 +72,7 @@ def test_enroll_precomputed_features_and_report_bad_batches(live_server: LiveSer
     with np.load(next((tmp_path / "o" / "shards").iterdir())) as shard:
         assert shard["features"].dtype == np.float16
 
-    code = client_main(["--target", live_server.address, "enroll", "--input", str(tmp_path / "feats.npy"),
+    code = advface_main(["enroll", "--target", live_server.address, "--input", str(tmp_path / "feats.npy"),
                         "--out", str(tmp_path / "p"), "--no-progress", "--eps", "9"])
     assert code == 3
     failed = [json.loads(line) for line in (tmp_path / "p" / "failed.jsonl").read_text().splitlines()]
@@ -83,7 +84,7 @@ def test_enroll_refuses_an_extractor_from_another_bundle(live_server: LiveServer
 
     other = make_bundle(tmp_path / "other", seed=7)
     assert load_bundle(other).version != live_server.running.state.model_info.model_version
-    code = client_main(["--target", live_server.address, "enroll", "--input", str(sample_faces_path()),
+    code = advface_main(["enroll", "--target", live_server.address, "--input", str(sample_faces_path()),
                         "--out", str(tmp_path / "o"), "--bundle", str(other), "--no-progress"])
     assert code == 2
 

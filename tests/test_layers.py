@@ -20,11 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 Edge = tuple[str, str, str]  # importing unit, imported unit, "module:line" where it happens
-# Violations not fixed yet, (importing module, imported top-level package), left out of the checks
-# below so that they still catch every new one; test_known_violations_are_still_real makes this
-# list shrink as they are fixed. Enrollment from images runs E (torch) and lives in the client:
-# it belongs with the service (`advface enroll`), leaving advface_client wire-only.
-KNOWN_VIOLATIONS = {("advface_client.cli", "plugin_service"), ("advface_client.enroll", "plugin_service")}
+
 
 
 def package_dirs() -> dict[str, Path]:
@@ -102,18 +98,9 @@ def where(edges: list[Edge], cycle: list[str]) -> list[str]:
     return [next(w for a, b, w in edges if (a, b) == step) for step in zip(cycle, cycle[1:], strict=False)]
 
 
-def _known(edge: Edge) -> bool:
-    return (edge[2].split(":")[0], edge[1].split(".")[0]) in KNOWN_VIOLATIONS
-
-
 @pytest.fixture(scope="module")
 def edges() -> list[Edge]:
-    return [e for e in import_edges(package_dirs()) if not _known(e)]
-
-
-def test_known_violations_are_still_real() -> None:
-    real = {(w.split(":")[0], b.split(".")[0]) for _, b, w in import_edges(package_dirs())}
-    assert KNOWN_VIOLATIONS <= real, f"fixed, remove from KNOWN_VIOLATIONS: {sorted(KNOWN_VIOLATIONS - real)}"
+    return list(import_edges(package_dirs()))
 
 
 def test_the_graph_reader_sees_imports_and_cycles() -> None:

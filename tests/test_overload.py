@@ -72,7 +72,7 @@ def _index_lines(out: Path) -> list[dict]:
 
 
 def _enroll_cmd(live: LiveServer, feats: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "advface_client.cli", "enroll", "--target", live.address, "--input", str(feats),
+    return [sys.executable, "-m", "plugin_service.cli", "enroll", "--target", live.address, "--input", str(feats),
             "--out", str(out), "--batch-size", str(ENROLL_BATCH), "--no-progress"]
 
 
