@@ -197,6 +197,7 @@ def _tiers(r: dict[str, Any], figures_made: dict[str, str]) -> list[str]:
              f"{t['inversion']['tv_weight']:g}). Judge: {t['judge']} (same image: distance < {t['judge_threshold']:g}; "
              f"SRRA: the project's recogniser at the clean threshold {t['srra_threshold']:.3f}). "
              "`embedding-only` is the floor: the same attacks on e = R(z) alone.", ""]
+    lines += _tier_summary(t)
     header = ["protector", "attack", "faces (judged)", "SSIM", "PSNR dB", "dlib same-image", "dlib rank-1", "SRRA"]
     for tier in ("A0", "A1", "A2"):
         rows = [[row["protector"], row["attack"], f"{row['faces']} ({row.get('judged_faces', row['faces'])})", fmt(row["ssim"], "ssim"), fmt(row["psnr"], "psnr"),
@@ -214,6 +215,29 @@ def _tiers(r: dict[str, Any], figures_made: dict[str, str]) -> list[str]:
              best[name]["attack"] if name in best else ""] for name, rank in t["linkage_rank1"].items()]
     lines += [f"### {TIER_TITLES['A3']}", "",
               *_table(["protector", "linkage rank-1", "best reconstruction rank-1 (judge)", "from"], rows)]
+    return lines
+
+
+def _tier_summary(t: dict[str, Any]) -> list[str]:
+    """The strongest attack of each tier per protector (each metric's maximum over the tier's attacks)."""
+    summary = t.get("summary")
+    if not summary:
+        return []
+    header = ["stored", *[f"{tier} SSIM / same-image / rank-1" for tier in ("A0", "A1", "A2")], "A3 linkage rank-1"]
+    rows = [[name, *[" / ".join([fmt(s[tier]["ssim"], "ssim"), fmt(s[tier]["dlib_same"], "rate"),
+                                  fmt(s[tier]["dlib_rank1"], "rate")]) for tier in ("A0", "A1", "A2")],
+             fmt(s["A3"], "rate")] for name, s in summary.items()]
+    lines = ["### Summary: the strongest attack of each tier", "",
+             "Each cell is the maximum over that tier's attacks, per metric. `embedding-only, composed` adds what "
+             "anyone holding e can also do: compute resynth's stored feature from e (R and the start feature ship "
+             "with the backend) and attack that, so it is the best of the two rows above it.", "",
+             *_table(header, rows)]
+    for floor, by_tier in (t.get("resynth_margins") or {}).items():
+        parts = [f"{tier}: SSIM {v['ssim']:+.3f}, rank-1 {100 * v['dlib_rank1']:+.1f} points"
+                 for tier, v in by_tier.items() if tier != "A3" and v["ssim"] is not None and v["dlib_rank1"] is not None]
+        link = by_tier["A3"]["linkage_rank1"]
+        parts.append(f"A3 linkage {100 * link:+.1f} points" if link is not None else "A3 linkage n/a")
+        lines += [f"resynth minus `{floor}`: " + "; ".join(parts) + ".", ""]
     return lines
 
 

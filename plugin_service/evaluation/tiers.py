@@ -44,6 +44,7 @@ from plugin_service.evaluation.inversion import (
     invert,
 )
 from plugin_service.evaluation.linkage import predict, train_linkage_student
+from plugin_service.evaluation.tier_summary import FLOOR, margins, summarize_tiers
 from plugin_service.evaluation.protection import make_protector, store_dataset
 from plugin_service.faces import FaceSet, list_images, load_face
 from plugin_service.image_metrics import psnr, ssim
@@ -57,7 +58,6 @@ from plugin_service.runtime import progress
 from plugin_service.reconstruction import ReconstructionTraining, fit_reconstructor, validate_pairs
 
 log = logging.getLogger(__name__)
-FLOOR = "embedding-only"
 StoreFn = Callable[[torch.Tensor], torch.Tensor]  # images in [0, 1] (N, 3, 160, 160) -> stored values
 
 
@@ -239,6 +239,15 @@ def _storers(name: str, cfg: EvaluationConfig, bundle: Bundle, own_shadow: Train
     return with_protector(defender), with_protector(attacker)
 
 
+def add_summary(results: dict[str, Any]) -> None:
+    """results['summary'] (the best attack per tier) and, with resynth, its margins over the floors."""
+    summary = summarize_tiers(results["rows"], results["linkage_rank1"])
+    results["summary"] = summary
+    if "resynth" in summary and FLOOR in summary:
+        results["resynth_margins"] = {floor: margins(summary, "resynth", floor) for floor in summary
+                                      if floor.startswith(FLOOR)}
+
+
 def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, faces: EvalFaces, attack: AttackData,
               a0: TrainedNet, protectors: list[str], threshold: float, judge: DlibFaceRecognizer, cache: ModelCache,
               judge_cache: EmbeddingCache, device: torch.device,
@@ -295,5 +304,6 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
         "judge_threshold": 0.6, "srra_threshold": threshold,
         "rows": runner.rows, "linkage_rank1": runner.linkage, "seconds": time.perf_counter() - started,
     }
+    add_summary(results)
     examples = {"faces": images[: cfg.examples].float().div(255), "columns": runner.examples}
     return results, examples
