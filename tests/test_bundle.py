@@ -18,7 +18,7 @@ from plugin_service.bundle import (
     _sha256,
     load_bundle,
 )
-from tests.conftest import TINY_PGD, TINY_SHADOW, make_bundle
+from tests.helpers import TINY_PGD, TINY_SHADOW, make_bundle
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_MARKER = "<!-- client-example:"

@@ -11,7 +11,7 @@ from advface_client.cli import build_parser
 from advface_client.cli import main as client_main
 from advface_client.targets import channel_target
 
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer, registry_sample
 
 
 @pytest.mark.parametrize(("spec", "target", "authority"), [
@@ -52,8 +52,7 @@ def test_several_host_names_balance_over_every_replica(live_server: LiveServer, 
     servers = (live_server, other)
 
     def served(live: LiveServer) -> float:
-        return live.metrics.registry.get_sample_value("advface_requests_total",
-                                                      {"method": "GetModelInfo", "code": "OK"}) or 0.0
+        return registry_sample(live, "advface_requests_total", method="GetModelInfo", code="OK")
 
     before = [served(s) for s in servers]
     target = ",".join(f"localhost:{s.running.port}" for s in servers)

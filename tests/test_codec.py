@@ -18,7 +18,7 @@ from advface.codec import (
     encode_result,
 )
 from plugin_service.server.reassembly import Failed, StreamAssembler
-from tests.conftest import edited_request
+from tests.helpers import edited_request
 
 LIMITS = BatchLimits((2, 3, 3), max_batch=8)
 

@@ -385,7 +385,7 @@ def test_dockerfile_healthcheck_follows_grpc_health(live_server) -> None:  # noq
     """The image's HEALTHCHECK command, run as Docker would: healthy when SERVING, unhealthy otherwise."""
     from grpc_health.v1 import health_pb2
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = live_server.running.port
     assert _run_healthcheck(port) == 0

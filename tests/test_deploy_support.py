@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,8 +21,8 @@ import pytest
 import yaml
 
 from plugin_service.server.metrics import ServiceMetrics
+from tests.helpers import ROOT, poll_until
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "advface.json"
@@ -175,18 +174,14 @@ class PrometheusServer:
             stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
+                    return r.status == 200
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready in {timeout}s: {self.log.read_text()[-2000:]}")
+                return False
+
+        poll_until(ready, "prometheus to be ready", timeout, interval=0.2, proc=self.proc, log=self.log)
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}"

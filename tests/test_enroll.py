@@ -7,16 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from advface_client.cli import main as client_main
-from plugin_service.cli import main as advface_main
 
 from plugin_service.bundle import load_bundle, sample_faces_path
+from plugin_service.cli import main as advface_main
 from plugin_service.faces import list_images
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer, poll_until
 
 
 def _enrolled(out: Path) -> list[str]:
@@ -41,11 +40,9 @@ def test_killed_enrollment_resumes_and_enrolls_every_face_once(live_server: Live
     faces = {str(p.relative_to(sample_faces_path()).with_suffix("")) for p in list_images(sample_faces_path())}
     first = subprocess.Popen(_enroll_cmd(live_server, tiny_bundle, out, "--batch-size", "2", "--steps", "40"),
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not (out / "index.jsonl").exists() or len((out / "index.jsonl").read_text().splitlines()) < 3:
-        assert first.poll() is None, "first run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    index = out / "index.jsonl"
+    poll_until(lambda: index.exists() and len(index.read_text().splitlines()) >= 3,
+               "three enrolled batches before the kill", timeout=120, proc=first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     partial = _enrolled(out)
@@ -80,7 +77,7 @@ def test_enroll_precomputed_features_and_report_bad_batches(live_server: LiveSer
 
 
 def test_enroll_refuses_an_extractor_from_another_bundle(live_server: LiveServer, tmp_path: Path) -> None:
-    from tests.conftest import make_bundle
+    from tests.helpers import make_bundle
 
     other = make_bundle(tmp_path / "other", seed=7)
     assert load_bundle(other).version != live_server.running.state.model_info.model_version

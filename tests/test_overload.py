@@ -15,8 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,10 +24,19 @@ from advface.codec import encode_request, retry_delay
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from grpc_status import rpc_status
 
-from tests.conftest import LiveServer, edited_request
-from tests.test_reliability import HeldStream, code_of, features, sample, wait
+from tests.helpers import (
+    ROOT,
+    HeldStream,
+    LiveServer,
+    code_of,
+    edited_request,
+    feature_source,
+    poll_until,
+    registry_sample,
+    wait_for_state,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+features = feature_source(seed=13)
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients'}", "PYTHONUNBUFFERED": "1"}
 QUEUE = 2  # batches the device queue admits
 STREAMS = 10 * QUEUE  # streams open at once: the server's --max-streams
@@ -56,14 +63,6 @@ def _rss() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     pytest.skip("no /proc/self/status here")
-
-
-def _poll(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    """Waits for a condition outside the server (a file the client writes); fails after ``timeout``."""
-    deadline, tick = time.monotonic() + timeout, threading.Event()
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        tick.wait(0.02)
 
 
 def _index_lines(out: Path) -> list[dict]:
@@ -95,9 +94,10 @@ def test_overload_with_cancelled_and_killed_clients_answers_every_batch_once(sta
     killed: list[subprocess.Popen] = []
     try:
         # 1. the enrollment's 4 batches arrive; 2 are computed and stored as shards, the rest held
-        wait(live, lambda: state.in_flight == ENROLL_FACES // ENROLL_BATCH)
+        wait_for_state(live, lambda: state.in_flight == ENROLL_FACES // ENROLL_BATCH)
         permits.release(2)
-        _poll(lambda: len(_index_lines(out)) == 2, "the enrollment's first two shards")
+        poll_until(lambda: len(_index_lines(out)) == 2, "the enrollment's first two shards", timeout=120, interval=0.02,
+                   proc=enrolling)
         rss_before = _rss()
 
         # 2. saturate: STREAMS streams open, the queue full, everyone else waiting for room
@@ -105,7 +105,7 @@ def test_overload_with_cancelled_and_killed_clients_answers_every_batch_once(sta
         killed = [subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, live.address, f"killed-{k}"], env=ENV)
                   for k in range(KILLED)]
         held_batches = 2 + FLOOD + KILLED  # the enrollment's last two, one per other stream
-        wait(live, lambda: state.streams == STREAMS and state.in_flight == held_batches)
+        wait_for_state(live, lambda: state.streams == STREAMS and state.in_flight == held_batches)
         assert _rss() - rss_before < RSS_GROWTH_BOUND
 
         # 3. more than the server admits is refused at once, with a code that says "retry later"
@@ -130,9 +130,9 @@ def test_overload_with_cancelled_and_killed_clients_answers_every_batch_once(sta
         for proc in (*killed, enrolling):
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
-        wait(live, lambda: state.streams == FLOOD - CANCELLED_FLOOD)
+        wait_for_state(live, lambda: state.streams == FLOOD - CANCELLED_FLOOD)
         cancelled = CANCELLED_FLOOD + KILLED + 2
-        assert sample(live, "advface_batches_total", method="ProtectStream", code="CANCELLED") == cancelled
+        assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="CANCELLED") == cancelled
 
         # 5. the device runs again: every surviving stream gets its one answer
         permits.release(10_000)
@@ -156,17 +156,17 @@ def test_overload_with_cancelled_and_killed_clients_answers_every_batch_once(sta
                 proc.kill()
                 proc.wait(30)
 
-    wait(live, state.idle)
+    wait_for_state(live, state.idle)
     m = live.metrics
     assert [g._value.get() for g in (m.in_flight, m.streams, m.reassembling, m.queue_depth, m.reserved)] == [0] * 5
     # every batch sent was answered once, or counted CANCELLED once because its client was gone
     answered = 2 + (FLOOD - CANCELLED_FLOOD) + 2
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="OK") == answered
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="CANCELLED") == cancelled
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="OK") == answered
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="CANCELLED") == cancelled
     assert answered + cancelled == ENROLL_FACES // ENROLL_BATCH + FLOOD + KILLED + 2
-    assert sample(live, "advface_requests_total", method="ProtectStream", code="RESOURCE_EXHAUSTED") == 4
-    assert sample(live, "advface_requests_total", method="Protect", code="RESOURCE_EXHAUSTED") == 3
-    assert sample(live, "advface_requests_total", method="ProtectStream", code="CANCELLED") == CANCELLED_FLOOD + KILLED + 1
+    assert registry_sample(live, "advface_requests_total", method="ProtectStream", code="RESOURCE_EXHAUSTED") == 4
+    assert registry_sample(live, "advface_requests_total", method="Protect", code="RESOURCE_EXHAUSTED") == 3
+    assert registry_sample(live, "advface_requests_total", method="ProtectStream", code="CANCELLED") == CANCELLED_FLOOD + KILLED + 1
     # memory: the budget's peak is the bytes of the batches held at saturation (the enrollment's last two,
     # the flood's, the killed clients'), plus at most the one unary request being refused
     held_faces = (ENROLL_FACES - 2 * ENROLL_BATCH) + FLOOD + KILLED

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from advface_client.client import GuardClient
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LiveServer, free_port
+from tests.helpers import LiveServer, free_port, poll_until, scraped_sum
 from tests.test_deploy_support import (
     DASHBOARD,
     PrometheusServer,
@@ -48,10 +46,7 @@ def prometheus(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
 
 def _faces_counter(metrics_url: str) -> float:
     """advface_faces_protected_total summed over protectors, read from the service's own /metrics."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "advface_faces_protected_total")
+    return scraped_sum(metrics_url, "advface_faces_protected_total")
 
 
 def _scalar(prom: PrometheusServer, expr: str) -> float | None:
@@ -60,14 +55,8 @@ def _scalar(prom: PrometheusServer, expr: str) -> float | None:
 
 
 def _wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
+    """Prometheus scrapes every second: re-ask it twice a second."""
+    return poll_until(predicate, what, timeout, interval=0.5)
 
 
 def test_prometheus_scrapes_the_service(prometheus: PrometheusServer, live_server: LiveServer) -> None:

@@ -16,7 +16,7 @@ from advface.codec import (
     shown_id,
 )
 from plugin_service.server.reassembly import Assembled, Failed, Slots, StreamAssembler
-from tests.conftest import edited_request
+from tests.helpers import edited_request
 
 LIMITS = BatchLimits((2, 3, 3), max_batch=8, max_batch_bytes=1 << 20, value_range=(0.0, 100.0))
 X = np.random.default_rng(0).random((4, 2, 3, 3)).astype(np.float32)

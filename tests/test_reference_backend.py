@@ -25,7 +25,7 @@ from reference_backend.store import SCHEMA, Store
 
 from plugin_service.bundle import default_bundle_path, sample_faces_path
 from plugin_service.faces import list_images, load_face
-from tests.conftest import LiveServer, _start, free_port, server_settings
+from tests.helpers import LiveServer, free_port, run_live_server, server_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 STEPS = 2  # a few PGD steps keep the test fast; the stored feature is still E(S(z)) + delta
@@ -67,7 +67,7 @@ def _serving(server: BackendHTTPServer) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def plugin() -> Iterator[LiveServer]:
     """The plug-in on the embedded bundle, whose E and R the backend loads too."""
-    yield from _start(server_settings(default_bundle_path(), protectors="advface"))
+    yield from run_live_server(server_settings(default_bundle_path(), protectors="advface"))
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from advface.codec import UNARY_MAX_BYTES, encode_request, retry_delay
 from advface.v1 import plugin_pb2 as pb
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from advface_client import BatchError, GuardClient
@@ -25,69 +25,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from plugin_service.bundle import PGDDefaults
-from advface.codec import UNARY_MAX_BYTES, decode_response_chunks, encode_request, retry_delay
-from tests.conftest import TINY_SHADOW, LiveServer, edited_request, make_bundle
+from tests.helpers import (
+    ROOT,
+    TINY_SHADOW,
+    HeldStream,
+    LiveServer,
+    code_of,
+    edited_request,
+    feature_source,
+    make_bundle,
+    raw_stream,
+    registry_sample,
+    wait_for_state,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-RNG = np.random.default_rng(11)
-
-
-def features(n: int, dtype: type = np.float32) -> np.ndarray:
-    return (RNG.random((n, 64, 77, 77)) * 0.5).astype(dtype)
-
-
-def wait(live: LiveServer, predicate: Callable[[], bool], timeout: float = 60) -> None:
-    live.call(live.running.state.wait_for(predicate, timeout))
-
-
-def sample(live: LiveServer, name: str, **labels: str) -> float:
-    value = live.metrics.registry.get_sample_value(name, labels or None)
-    return value or 0.0
-
-
-class HeldStream:
-    """A ProtectStream whose request side sends ``messages`` and then waits for :meth:`go` (more messages or the end)."""
-
-    def __init__(self, address: str, messages: list[pb.ProtectRequest]) -> None:
-        self._go = threading.Event()
-        self._more: list[pb.ProtectRequest] = []
-        self.channel = grpc.insecure_channel(address)
-        self.call = pb_grpc.AdvFaceGuardStub(self.channel).ProtectStream(self._requests(messages), timeout=120)
-
-    def _requests(self, first: list[pb.ProtectRequest]) -> Iterator[pb.ProtectRequest]:
-        yield from first
-        self._go.wait(120)
-        yield from self._more
-
-    def go(self, more: list[pb.ProtectRequest] = ()) -> None:  # type: ignore[assignment]
-        self._more = list(more)
-        self._go.set()
-
-    def answers(self) -> Iterator:
-        chunks: list[pb.ProtectResponse] = []
-        for msg in self.call:
-            chunks.append(msg)
-            if len(chunks) == max(1, chunks[0].chunk_count):
-                yield decode_response_chunks(chunks)
-                chunks = []
-
-    def close(self) -> None:
-        self._go.set()
-        self.call.cancel()
-        self.channel.close()
-
-
-def stream(address: str, messages: list[pb.ProtectRequest]) -> list:
-    held = HeldStream(address, messages)
-    held.go()
-    try:
-        return list(held.answers())
-    finally:
-        held.close()
-
-
-def code_of(result) -> grpc.StatusCode:  # noqa: ANN001
-    return result.error.code if result.error else grpc.StatusCode.OK
+features = feature_source(seed=11)
 
 
 # --- reassembly: memory only for bytes received, silent batches time out, limits -----------------
@@ -101,9 +53,9 @@ def test_a_header_promising_a_huge_batch_holds_only_the_bytes_sent(start_live_se
                                                          raw_data=b"\0" * 1000, chunk_count=1000)])
                 for i in range(2)]
     try:
-        wait(live, lambda: state.slots.used == 2)
+        wait_for_state(live, lambda: state.slots.used == 2)
         assert state.budget.reserved == 2000
-        (other,) = stream(live.address, list(encode_request("other", features(1))))
+        (other,) = raw_stream(live.address, list(encode_request("other", features(1))))
         assert other.error is None and other.batch_id == "other"
         for p in promises:
             p.go()
@@ -112,7 +64,7 @@ def test_a_header_promising_a_huge_batch_holds_only_the_bytes_sent(start_live_se
     finally:
         for p in promises:
             p.close()
-    wait(live, state.idle)
+    wait_for_state(live, state.idle)
 
 
 def test_a_batch_whose_next_chunk_never_comes_times_out_and_the_stream_goes_on(start_live_server) -> None:  # noqa: ANN001
@@ -125,14 +77,14 @@ def test_a_batch_whose_next_chunk_never_comes_times_out_and_the_stream_goes_on(s
         first = next(answers)  # the server's chunk timer fired; nothing here waits on time
         assert first.batch_id == "slow" and code_of(first) == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "chunk 1 of 6 did not arrive within 0.5s" in first.error.detail and first.error.retry_after is None
-        wait(live, lambda: state.budget.reserved == 0 and state.slots.used == 0)  # its memory is back
+        wait_for_state(live, lambda: state.budget.reserved == 0 and state.slots.used == 0)  # its memory is back
         held.go(slow[1:] + list(encode_request("next", features(1))))  # late chunks are dropped, once answered
         rest = list(answers)
         assert [(r.batch_id, code_of(r)) for r in rest] == [("next", grpc.StatusCode.OK)]
     finally:
         held.close()
-    wait(live, state.idle)
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="DEADLINE_EXCEEDED") == 1
+    wait_for_state(live, state.idle)
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="DEADLINE_EXCEEDED") == 1
 
 
 def test_a_batch_stalled_half_way_by_a_full_budget_is_refused_with_retry_info(start_live_server) -> None:  # noqa: ANN001
@@ -147,9 +99,9 @@ def test_a_batch_stalled_half_way_by_a_full_budget_is_refused_with_retry_info(st
     b = list(encode_request("b", features(3, np.float16), chunk_bytes=400_000))  # 2.3 MB in 6 chunks
     first, second = HeldStream(live.address, a[:1]), None
     try:
-        wait(live, lambda: state.budget.reserved == 400_000)
+        wait_for_state(live, lambda: state.budget.reserved == 400_000)
         second = HeldStream(live.address, b[:-1])
-        wait(live, lambda: state.budget.reserved == 2_400_000)
+        wait_for_state(live, lambda: state.budget.reserved == 2_400_000)
         live.call(shorten_waits())
         first.go(a[1:])  # its third chunk does not fit in the 3 MiB budget while b holds 2 MB
         (refused,) = list(first.answers())
@@ -161,7 +113,7 @@ def test_a_batch_stalled_half_way_by_a_full_budget_is_refused_with_retry_info(st
         first.close()
         if second is not None:
             second.close()
-    wait(live, state.idle)
+    wait_for_state(live, state.idle)
 
 
 def test_streams_beyond_the_limit_are_refused_with_retry_info(start_live_server) -> None:  # noqa: ANN001
@@ -169,14 +121,14 @@ def test_streams_beyond_the_limit_are_refused_with_retry_info(start_live_server)
     state = live.running.state
     first = HeldStream(live.address, [])
     try:
-        wait(live, lambda: state.streams == 1)
+        wait_for_state(live, lambda: state.streams == 1)
         with grpc.insecure_channel(live.address) as channel, pytest.raises(grpc.RpcError) as info:
             list(pb_grpc.AdvFaceGuardStub(channel).ProtectStream(iter(encode_request("b", features(1))), timeout=60))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in info.value.details()
         assert retry_delay(rpc_status.from_call(info.value)) == 1.0
     finally:
         first.close()
-    wait(live, state.idle)
+    wait_for_state(live, state.idle)
 
 
 def test_chunked_batches_beyond_the_global_limit_are_answered_with_retry_info(start_live_server) -> None:  # noqa: ANN001
@@ -185,8 +137,8 @@ def test_chunked_batches_beyond_the_global_limit_are_answered_with_retry_info(st
     a = list(encode_request("a", features(1), chunk_bytes=500_000))
     first = HeldStream(live.address, a[:1])
     try:
-        wait(live, lambda: state.slots.used == 1)
-        refused, single = stream(live.address, list(encode_request("b", features(1), chunk_bytes=500_000))
+        wait_for_state(live, lambda: state.slots.used == 1)
+        refused, single = raw_stream(live.address, list(encode_request("b", features(1), chunk_bytes=500_000))
                                  + [edited_request("c", features(1))])
         assert refused.batch_id == "b" and code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refused.error.retry_after == 1.0 and "--max-reassembling" in refused.error.detail
@@ -195,7 +147,7 @@ def test_chunked_batches_beyond_the_global_limit_are_answered_with_retry_info(st
         assert [code_of(r) for r in first.answers()] == [grpc.StatusCode.OK]
     finally:
         first.close()
-    wait(live, state.idle)
+    wait_for_state(live, state.idle)
 
 
 # --- exactly once -------------------------------------------------------------------------------
@@ -208,15 +160,15 @@ def test_broken_sequences_get_one_answer_each_and_are_counted_once(start_live_se
     d = list(encode_request("d", features(1)))
     messages = [m for pair in zip(a, b, strict=True) for m in pair] + [c[1], c[0], *c[2:]] + d + d
     messages += list(encode_request("e", features(1)))
-    results = stream(live.address, messages)
+    results = raw_stream(live.address, messages)
     assert [(r.batch_id, code_of(r).name) for r in results] == [
         ("a", "INVALID_ARGUMENT"), ("b", "INVALID_ARGUMENT"), ("c", "INVALID_ARGUMENT"), ("d", "OK"),
         ("d", "INVALID_ARGUMENT"), ("e", "OK")]
     assert "already used in this stream" in results[4].error.detail
-    wait(live, live.running.state.idle)
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="OK") == 2
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="INVALID_ARGUMENT") == 4
-    assert sample(live, "advface_faces_protected_total", protector="advface") == 2
+    wait_for_state(live, live.running.state.idle)
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="OK") == 2
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="INVALID_ARGUMENT") == 4
+    assert registry_sample(live, "advface_faces_protected_total", protector="advface") == 2
 
 
 def test_a_message_over_the_size_limit_fails_its_batch_alone(start_live_server) -> None:  # noqa: ANN001
@@ -224,13 +176,13 @@ def test_a_message_over_the_size_limit_fails_its_batch_alone(start_live_server) 
     before, too_big, after = features(1, np.float16), features(2, np.float16), features(1, np.float16)
     messages = [edited_request("before", before), edited_request("too-big", too_big), edited_request("after", after)]
     assert messages[1].ByteSize() > 2**20 > messages[0].ByteSize()
-    results = stream(live.address, messages)
+    results = raw_stream(live.address, messages)
     assert [(r.batch_id, code_of(r).name) for r in results] == [
         ("before", "OK"), ("too-big", "INVALID_ARGUMENT"), ("after", "OK")]
     assert "over the server's limit of 1048576 bytes" in results[1].error.detail
-    wait(live, live.running.state.idle)
-    assert sample(live, "advface_requests_total", method="ProtectStream", code="OK") == 1
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="OK") == 2
+    wait_for_state(live, live.running.state.idle)
+    assert registry_sample(live, "advface_requests_total", method="ProtectStream", code="OK") == 1
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="OK") == 2
 
 
 def test_a_message_grpc_itself_refuses_fails_the_stream_and_every_batch_once(start_live_server) -> None:  # noqa: ANN001
@@ -238,11 +190,11 @@ def test_a_message_grpc_itself_refuses_fails_the_stream_and_every_batch_once(sta
     huge = edited_request("huge", features(3, np.float16))
     assert huge.ByteSize() > 2 * 2**20  # over twice the limit: gRPC ends the call before the service sees it
     with pytest.raises(grpc.RpcError) as info:
-        stream(live.address, [edited_request("before", features(1, np.float16)), huge])
+        raw_stream(live.address, [edited_request("before", features(1, np.float16)), huge])
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    wait(live, live.running.state.idle)  # nothing leaked: no stream, batch in flight, byte or slot
+    wait_for_state(live, live.running.state.idle)  # nothing leaked: no stream, batch in flight, byte or slot
     # "before" was answered or, if the call died first, counted once as not delivered
-    counted = sum(sample(live, "advface_batches_total", method="ProtectStream", code=c) for c in ("OK", "CANCELLED"))
+    counted = sum(registry_sample(live, "advface_batches_total", method="ProtectStream", code=c) for c in ("OK", "CANCELLED"))
     assert counted == 1
 
 
@@ -254,7 +206,7 @@ def test_health_and_reflection_are_not_counted_as_requests(live_server: LiveServ
         list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         pb_grpc.AdvFaceGuardStub(channel).GetModelInfo(pb.ModelInfoRequest(), timeout=10)
-    wait(live_server, live_server.running.state.idle)
+    wait_for_state(live_server, live_server.running.state.idle)
     methods = {s.labels["method"] for fam in live_server.metrics.registry.collect()
                if fam.name == "advface_requests" for s in fam.samples}
     assert "GetModelInfo" in methods and not methods & {"Check", "Watch", "ServerReflectionInfo"}
@@ -281,7 +233,7 @@ def test_in_flight_gauge_returns_to_zero_when_a_waiting_stream_goes_away(start_l
     gate = threading.Event()
     run = queue._run
     queue._run = lambda job: (gate.wait(120), run(job))[1]  # the device is busy until the gate opens
-    faces_before = sample(live, "advface_faces_protected_total", protector="advface")
+    faces_before = registry_sample(live, "advface_faces_protected_total", protector="advface")
     client = None
     try:
         if how == "cancelled":
@@ -290,21 +242,21 @@ def test_in_flight_gauge_returns_to_zero_when_a_waiting_stream_goes_away(start_l
             env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients'}"}
             client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, live.address], env=env)
         # k0 on the device, k1 queued, k2 waiting for room in the queue: three in flight
-        wait(live, lambda: state.in_flight == 3)
+        wait_for_state(live, lambda: state.in_flight == 3)
         if how == "cancelled":
             client.close()
         else:
             client.kill()
             client.wait(30)
-        wait(live, lambda: state.streams == 0)
+        wait_for_state(live, lambda: state.streams == 0)
     finally:
         gate.set()
         if isinstance(client, HeldStream):
             client.close()
-    wait(live, state.idle)
+    wait_for_state(live, state.idle)
     assert state.metrics.in_flight._value.get() == 0 and state.metrics.reserved._value.get() == 0
-    assert sample(live, "advface_batches_total", method="ProtectStream", code="CANCELLED") == 3
-    assert sample(live, "advface_faces_protected_total", protector="advface") == faces_before  # none delivered
+    assert registry_sample(live, "advface_batches_total", method="ProtectStream", code="CANCELLED") == 3
+    assert registry_sample(live, "advface_faces_protected_total", protector="advface") == faces_before  # none delivered
 
 
 # --- bounded echoes, unary limits, value ranges, permanent errors -------------------------------
@@ -316,7 +268,7 @@ def test_over_long_batch_ids_are_invalid_argument_and_echoed_bounded(live_server
             pb_grpc.AdvFaceGuardStub(channel).Protect(edited_request(long_id, features(1)), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "…(5000000 bytes)" in info.value.details() and len(info.value.details()) < 300
-    (result,) = stream(live_server.address, [edited_request(long_id, features(1))])
+    (result,) = raw_stream(live_server.address, [edited_request(long_id, features(1))])
     assert code_of(result) == grpc.StatusCode.INVALID_ARGUMENT and len(result.batch_id) < 100
 
 
@@ -339,7 +291,7 @@ def test_absurd_finite_values_are_refused_with_a_count_not_the_values(live_serve
     one, every = features(2), features(2)
     one[1, 2, 3, 4] = 3e38
     every[:] = -1e30
-    results = stream(live_server.address, [edited_request("one", one), edited_request("every", every)])
+    results = raw_stream(live_server.address, [edited_request("one", one), edited_request("every", every)])
     assert [code_of(r) for r in results] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
     assert "1 of 758912 feature values lie outside" in results[0].error.detail
     assert "758912 of 758912" in results[1].error.detail
@@ -357,7 +309,7 @@ def test_permanent_errors_are_not_retried_and_name_the_batch_once(start_live_ser
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.retry_after is None
         assert str(error).count("batch '") == 1 and "accepts 1 to 2" in str(error)
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
-    assert sample(live, "advface_batches_total", method="Protect", code="INVALID_ARGUMENT") == 1
+    assert registry_sample(live, "advface_batches_total", method="Protect", code="INVALID_ARGUMENT") == 1
     assert _temporary(grpc.StatusCode.RESOURCE_EXHAUSTED, 1.0) and _temporary(grpc.StatusCode.UNAVAILABLE, None)
     assert not _temporary(grpc.StatusCode.RESOURCE_EXHAUSTED, None)
 
@@ -371,9 +323,3 @@ def test_a_bundle_whose_defaults_break_the_policy_is_refused_at_start(tmp_path: 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("advface serve: refusing to serve bundle") and "eps=5" in last and "--max-eps 0.5" in last
     assert "Traceback" not in proc.stderr
-
-
-def test_the_servicer_and_codec_never_import_torch() -> None:
-    code = ("import sys; import plugin_service.server.servicer, plugin_service.server.reassembly, advface_client; "
-            "sys.exit('torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0

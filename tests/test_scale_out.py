@@ -11,94 +11,49 @@ replica dies while it holds unanswered batches: the client resends those to the 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from advface_client.client import GuardClient
-from prometheus_client.parser import text_string_to_metric_families
-
 from advface.codec import BatchError
-from tests.conftest import free_port
-from tests.test_deploy_support import ROOT, require_tool
+from advface_client.client import GuardClient
 
-FEATURE_SHAPE = (64, 77, 77)
+from tests.helpers import (
+    FEATURE_SHAPE,
+    ROOT,
+    ServerProcess,
+    free_port,
+    poll_until,
+    spawn_server,
+)
+from tests.test_deploy_support import require_tool
+
 STREAMS, BATCHES_PER_STREAM, FACES = 4, 6, 2
 PACED = 3  # batches each stream has answered before the kill; the rest are sent after it
 DRAIN_SECONDS = 10
 
 
-@dataclass
-class Replica:
-    name: str
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def sample(self, name: str, **labels: str) -> float:
-        """A sample's value from the replica's own /metrics (0 if the series does not exist yet)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-                   if s.name == name and s.labels == labels)
-
-    def ok_batches(self) -> float:
-        return self.sample("advface_batches_total", method="ProtectStream", code="OK")
-
-    def info_calls(self) -> float:
-        return self.sample("advface_requests_total", method="GetModelInfo", code="OK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+Replica = ServerProcess  # one `advface serve` subprocess of the pair
 
 
 def _spawn(name: str, bundle: Path, workdir: Path) -> Replica:
-    port, metrics_port = free_port(), free_port()
-    log = workdir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADVFACE_")}  # flags below decide
-    env.update(OMP_NUM_THREADS="1", ADVFACE_NO_PROGRESS="1")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "plugin_service.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-             "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", "--warmup-faces", "1",
-             "--torch-threads", "1", "--protectors", "advface", "--drain-seconds", str(DRAIN_SECONDS)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return Replica(name, proc, port, metrics_port, log)
+    return spawn_server(bundle, workdir, "--warmup-faces", "1", "--torch-threads", "1", "--protectors", "advface",
+                        "--drain-seconds", str(DRAIN_SECONDS), name=name, env={"OMP_NUM_THREADS": "1"})
 
 
-def _wait_serving(replica: Replica, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    with GuardClient(replica.address, timeout=2) as client:
-        while True:
-            if replica.proc.poll() is not None:
-                raise AssertionError(f"replica {replica.name} exited with {replica.proc.returncode}:\n"
-                                     f"{replica.log.read_text()[-3000:]}")
-            try:
-                if client.health() == "SERVING":
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"replica {replica.name} not SERVING in {timeout}s:\n{replica.log.read_text()[-3000:]}")
-            time.sleep(0.3)
+def _ok_batches(replica: Replica) -> float:
+    return replica.sample("advface_batches_total", method="ProtectStream", code="OK")
+
+
+def _info_calls(replica: Replica) -> float:
+    return replica.sample("advface_requests_total", method="GetModelInfo", code="OK")
 
 
 @pytest.fixture
@@ -106,7 +61,7 @@ def replicas(tiny_bundle: Path, tmp_path: Path) -> Iterator[tuple[Replica, Repli
     pair = (_spawn("a", tiny_bundle, tmp_path), _spawn("b", tiny_bundle, tmp_path))  # start both, then wait
     try:
         for r in pair:
-            _wait_serving(r)
+            r.wait_serving()
         yield pair
     finally:
         for r in pair:
@@ -120,14 +75,6 @@ def _batches(stream: int) -> list[tuple[str, np.ndarray]]:
             for i in range(BATCHES_PER_STREAM)]
 
 
-def _wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
 @dataclass
 class Run:
     inputs: dict[int, list[tuple[str, np.ndarray]]]
@@ -138,8 +85,8 @@ class Run:
 
 def _connect_both(client: GuardClient, a: Replica, b: Replica) -> None:
     """round_robin only picks connected replicas: on this very channel, both must have answered a call."""
-    _wait_until(lambda: client.info() and a.info_calls() >= 1 and b.info_calls() >= 1, 30,
-                "GetModelInfo calls answered by both replicas")
+    poll_until(lambda: client.info() and _info_calls(a) >= 1 and _info_calls(b) >= 1,
+               "GetModelInfo calls answered by both replicas", timeout=30)
 
 
 def _stopped_serving(replica: Replica, sig: signal.Signals) -> None:
@@ -206,8 +153,9 @@ def _stream_and_kill(target: str, a: Replica, b: Replica, sig: signal.Signals) -
             assert paced_answered.acquire(timeout=180), "the paced batches were not answered"
         assert errors == [], errors
         # the replicas count a batch once its answer is written, a moment after the client has it
-        _wait_until(lambda: a.ok_batches() + b.ok_batches() == STREAMS * PACED, 30, "the answered batches' counts")
-        served_by_a_before, served_by_b_before = a.ok_batches(), b.ok_batches()
+        poll_until(lambda: _ok_batches(a) + _ok_batches(b) == STREAMS * PACED, "the answered batches' counts",
+                   timeout=30)
+        served_by_a_before, served_by_b_before = _ok_batches(a), _ok_batches(b)
         if sig == signal.SIGKILL:
             a.proc.send_signal(sig)
         _stopped_serving(a, sig)
@@ -246,12 +194,12 @@ def test_two_replicas_one_killed_mid_run_loses_no_batch(replicas: tuple[Replica,
     _check_answers(run)
     _check_retried(caplog)
     if sig == signal.SIGTERM:  # drained: exits by itself, cleanly, within the drain time
-        assert a.proc.wait(timeout=DRAIN_SECONDS + 20) == 0, a.log.read_text()[-3000:]
-        assert "draining" in a.log.read_text()
+        assert a.proc.wait(timeout=DRAIN_SECONDS + 20) == 0, a.output()[-3000:]
+        assert "draining" in a.output()
     else:
         assert a.proc.wait(timeout=10) == -signal.SIGKILL
     assert b.proc.poll() is None
-    assert b.ok_batches() > run.served_by_b_before  # the survivor took over the killed replica's batches
+    assert _ok_batches(b) > run.served_by_b_before  # the survivor took over the killed replica's batches
 
     # each answer belongs to its own batch: the protection is deterministic, so the survivor, asked
     # again without interruption, gives the same features for every batch
@@ -296,16 +244,14 @@ http {{
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"nginx exited with {proc.returncode}"
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            return True
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            return False
+
+    poll_until(listening, f"nginx to listen on port {port}", timeout, interval=0.1, proc=proc)
 
 
 @pytest.fixture
@@ -335,7 +281,7 @@ def test_nginx_spreads_streams_and_survives_a_killed_replica(replicas: tuple[Rep
     run = _stream_and_kill(nginx_front, a, b, signal.SIGKILL)
     _check_answers(run)
     _check_retried(caplog)
-    assert b.ok_batches() > run.served_by_b_before
+    assert _ok_batches(b) > run.served_by_b_before
 
 
 @pytest.mark.integration

@@ -14,7 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from advface_client import BatchError, GuardClient, TLSConfig
 from advface_client.cli import main as client_main
@@ -29,17 +28,19 @@ from plugin_service.config import (
 from plugin_service.server.app import StartupError, start_server
 from plugin_service.server.auth import TokenFileError, load_tokens
 from tests.certs import Pki, make_pki
-from tests.conftest import LiveServer, _start, server_settings
+from tests.helpers import (
+    LiveServer,
+    feature_source,
+    registry_sample,
+    run_live_server,
+    server_settings,
+)
 
 GOOD = "alice-0123456789abcdef"
 MONITOR = "monitor-0123456789abcdef"  # may only call GetModelInfo
 WRONG = "mallory-0123456789abcdef"
 METRICS_HOST = "127.0.0.2"  # another loopback address than the gRPC port's 127.0.0.1
-RNG = np.random.default_rng(12)
-
-
-def features(n: int) -> np.ndarray:
-    return (RNG.random((n, 64, 77, 77)) * 0.5).astype(np.float32)
+features = feature_source(seed=12)
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +58,19 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tls_server(tiny_bundle: Path, pki: Pki, token_file: Path) -> Iterator[LiveServer]:
     """TLS, bearer tokens, and /metrics on another interface than gRPC."""
-    yield from _start(server_settings(tiny_bundle, tls_cert=pki.server_cert, tls_key=pki.server_key,
+    yield from run_live_server(server_settings(tiny_bundle, tls_cert=pki.server_cert, tls_key=pki.server_key,
                                       auth_tokens=token_file, metrics_host=METRICS_HOST))
 
 
 @pytest.fixture(scope="module")
 def mtls_server(tiny_bundle: Path, pki: Pki) -> Iterator[LiveServer]:
-    yield from _start(server_settings(tiny_bundle, tls_cert=pki.server_cert, tls_key=pki.server_key,
+    yield from run_live_server(server_settings(tiny_bundle, tls_cert=pki.server_cert, tls_key=pki.server_key,
                                       tls_client_ca=pki.ca))
 
 
 def _local(live: LiveServer) -> str:
     """The server's address by host name, as its certificate names it."""
     return f"localhost:{live.running.port}"
-
-
-def _sample(live: LiveServer, name: str, **labels: str) -> float:
-    return live.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # --- TLS ------------------------------------------------------------------------------------------
@@ -123,7 +120,7 @@ def test_a_client_certificate_without_its_key_is_refused_by_the_client() -> None
 
 def test_missing_and_unknown_tokens_are_unauthenticated_on_every_service_method(tls_server: LiveServer,
                                                                                 pki: Pki) -> None:
-    before = _sample(tls_server, "advface_requests_total", method="GetModelInfo", code="UNAUTHENTICATED")
+    before = registry_sample(tls_server, "advface_requests_total", method="GetModelInfo", code="UNAUTHENTICATED")
     for token in (None, WRONG):
         with GuardClient(_local(tls_server), tls=TLSConfig(ca_cert=pki.ca), token=token, max_retries=0) as client:
             with pytest.raises(grpc.RpcError) as info:
@@ -136,7 +133,7 @@ def test_missing_and_unknown_tokens_are_unauthenticated_on_every_service_method(
             with pytest.raises(grpc.RpcError) as streamed:
                 list(client.protect_stream([("s", features(1))]))
             assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _sample(tls_server, "advface_requests_total", method="GetModelInfo", code="UNAUTHENTICATED") == before + 2
+    assert registry_sample(tls_server, "advface_requests_total", method="GetModelInfo", code="UNAUTHENTICATED") == before + 2
 
 
 def test_a_token_limited_to_some_methods_is_permission_denied_elsewhere(tls_server: LiveServer, pki: Pki) -> None:

@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from advface.v1 import plugin_pb2 as pb
+from advface.codec import encode_request
 from advface.v1 import plugin_pb2_grpc as pb_grpc
 from advface_client import BatchError, GuardClient, Options
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from plugin_service.bundle import load_bundle
 from plugin_service.models.shadow import batch_statistics
-from advface.codec import decode_response_chunks, encode_request
-from tests.conftest import LiveServer, edited_request, free_port
+from tests.helpers import (
+    LiveServer,
+    edited_request,
+    feature_source,
+    poll_until,
+    raw_stream,
+    scrape,
+    spawn_server,
+)
 
-RNG = np.random.default_rng(0)
-
-
-def features(n: int, dtype: type = np.float32) -> np.ndarray:
-    return (RNG.random((n, 64, 77, 77)) * 0.5).astype(dtype)
+features = feature_source(seed=0)
 
 
 def shadow_feature(bundle_path: Path, z: np.ndarray) -> np.ndarray:
@@ -38,12 +35,6 @@ def shadow_feature(bundle_path: Path, z: np.ndarray) -> np.ndarray:
     b = load_bundle(bundle_path)
     with torch.no_grad(), batch_statistics():
         return b.extractor(b.shadow(torch.from_numpy(z).float())).numpy()
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def test_two_batch_stream_keeps_ids_order_and_eps_bound(live_server: LiveServer, tiny_bundle: Path) -> None:
@@ -76,18 +67,6 @@ def test_float16_on_the_wire(live_server: LiveServer) -> None:
     assert result.features.dtype == np.float16 and result.features.shape == z.shape
 
 
-def _raw_stream(address: str, messages: list[pb.ProtectRequest]) -> list:
-    with grpc.insecure_channel(address) as channel:
-        responses = list(pb_grpc.AdvFaceGuardStub(channel).ProtectStream(iter(messages), timeout=120))
-    grouped, chunks = [], []
-    for msg in responses:
-        chunks.append(msg)
-        if len(chunks) == max(1, chunks[0].chunk_count):
-            grouped.append(decode_response_chunks(chunks))
-            chunks = []
-    return grouped
-
-
 _single = edited_request
 
 
@@ -112,7 +91,7 @@ def test_each_malformed_batch_fails_alone(live_server: LiveServer) -> None:
         *bad_header,  # rejected on its first chunk: answered once, the other chunks are dropped
         _single("ok-2", good),
     ]
-    results = _raw_stream(live_server.address, messages)
+    results = raw_stream(live_server.address, messages)
     codes = {r.batch_id: (r.error.code if r.error else grpc.StatusCode.OK) for r in results}
     assert [r.batch_id for r in results] == [
         "ok-1", "wrong-shape", "wrong-dtype", "nan", "short-bytes", "unknown-protector", "disabled-protector",
@@ -173,10 +152,12 @@ def test_metrics_move_by_exactly_what_the_calls_did(live_server: LiveServer) -> 
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     # An RPC is counted when its handler returns, which can be just after the client has its answer.
-    deadline = time.monotonic() + 10
-    while delta("advface_requests_total", method="Protect", code="OUT_OF_RANGE") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    def counted() -> bool:
+        nonlocal after
         after = scrape(live_server.metrics_url)
+        return delta("advface_requests_total", method="Protect", code="OUT_OF_RANGE") >= 1
+
+    poll_until(counted, "the failed Protect call to be counted", timeout=10)
 
     assert all(r.error is None for r in results)
     assert delta("advface_faces_protected_total", protector="advface") == 7
@@ -226,41 +207,34 @@ def test_full_queue_pushes_unary_calls_back_with_retry_info(start_live_server) -
     assert retry_hints and all(retry_hints)
 
 
-def _serve(bundle: Path, port: int, metrics_port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "plugin_service.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", *extra]
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
-
-
-def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path) -> None:
-    port = free_port()
-    proc = _serve(tiny_bundle, port, 0, "--warmup-faces", "48")
+def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    server = spawn_server(tiny_bundle, tmp_path, "--warmup-faces", "48", metrics_port=0)
     seen: list[str] = []
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(server.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
+
+            def serving() -> bool:
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                     seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
                 except grpc.RpcError:
                     pass
-                if seen and seen[-1] == "SERVING":
-                    break
-                time.sleep(0.05)
+                return bool(seen) and seen[-1] == "SERVING"
+
+            poll_until(serving, "health SERVING", timeout=120, proc=server.proc, log=server.log)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
     assert seen[0] == "NOT_SERVING" and seen[-1] == "SERVING"
     assert seen.index("SERVING") > 0
 
 
-def test_sigterm_drains_a_batch_in_flight(tiny_bundle: Path) -> None:
-    port, metrics_port = free_port(), free_port()
-    proc = _serve(tiny_bundle, port, metrics_port, "--drain-seconds", "60")
+def test_sigterm_drains_a_batch_in_flight(tiny_bundle: Path, tmp_path: Path) -> None:
+    server = spawn_server(tiny_bundle, tmp_path, "--drain-seconds", "60")
+    proc = server.proc
     try:
-        with GuardClient(f"127.0.0.1:{port}", max_retries=0) as client:
+        with GuardClient(server.address, max_retries=0) as client:
             client.wait_until_serving()
             outcome: dict[str, object] = {}
 
@@ -272,21 +246,17 @@ def test_sigterm_drains_a_batch_in_flight(tiny_bundle: Path) -> None:
 
             t = threading.Thread(target=call)
             t.start()
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
-            deadline = time.monotonic() + 60
-            while scrape(url).get(("advface_batches_in_flight", ()), 0) < 1:
-                assert time.monotonic() < deadline, "batch never reached the engine"
-                time.sleep(0.02)
+            poll_until(lambda: scrape(server.metrics_url).get(("advface_batches_in_flight", ()), 0) >= 1,
+                       "the batch to reach the engine", timeout=60, interval=0.02, proc=proc, log=server.log)
             proc.send_signal(signal.SIGTERM)
             t.join(timeout=120)
         assert "error" not in outcome, outcome.get("error")
         result = outcome["result"]
         assert result.batch_id == "in-flight" and result.features.shape == (8, 64, 77, 77)
         assert proc.wait(timeout=60) == 0
-        assert "draining" in proc.stderr.read()
+        assert "draining" in server.output()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        server.stop()
 
 
 def test_a_cancelled_stream_gives_back_memory_and_in_flight_slots(live_server: LiveServer) -> None:
@@ -294,10 +264,10 @@ def test_a_cancelled_stream_gives_back_memory_and_in_flight_slots(live_server: L
         stream = client.protect_stream((f"c{i}", features(4)) for i in range(6))
         assert next(stream).batch_id == "c0"
         stream.close()  # the client walks away with batches queued and in flight
-    deadline = time.monotonic() + 60
-    while True:
+
+    def released() -> bool:
         m = scrape(live_server.metrics_url)
-        if m[("advface_batches_in_flight", ())] == 0 and m[("advface_memory_budget_reserved_bytes", ())] == 0:
-            break
-        assert time.monotonic() < deadline, "in-flight batches or reserved memory leaked"
-        time.sleep(0.1)
+        return m[("advface_batches_in_flight", ())] == 0 and m[("advface_memory_budget_reserved_bytes", ())] == 0
+
+    poll_until(released, "in-flight batches and reserved memory to be released (else they leaked)",
+               timeout=60, interval=0.1)
