@@ -155,13 +155,13 @@ class Bench:
 
     def compare(self, protector: str, n: int, repeats: int) -> Comparison:
         z = _features(self.bundle_path, n)
-        compile_seconds = _timed(lambda: self._run(self.optimised, z, protector))
+        compile_seconds = _timed(lambda: self.run(self.optimised, z, protector))
         runs: dict[str, list[EngineResult]] = {"reference": [], "optimised": []}
         peaks = {"reference": 0, "optimised": 0}
         for i in range(repeats):  # alternate the order so neither engine always runs first
             for name in (("reference", "optimised") if i % 2 == 0 else ("optimised", "reference")):
                 with peak_rss() as peak:
-                    runs[name].append(self._run(getattr(self, name), z, protector))
+                    runs[name].append(self.run(getattr(self, name), z, protector))
                 peaks[name] = max(peaks[name], peak[0])
         out = {}
         for name, results in runs.items():
@@ -181,7 +181,7 @@ class Bench:
                           out["optimised"].faces_per_s / out["reference"].faces_per_s, max_diff, fraction, loss_diff,
                           gain_diff)
 
-    def _run(self, engine: Engine, z: np.ndarray, protector: str) -> EngineResult:
+    def run(self, engine: Engine, z: np.ndarray, protector: str) -> EngineResult:
         return engine.protect(z, protector, self.params, torch.Generator().manual_seed(0))
 
 
@@ -192,7 +192,7 @@ def _row(c: Comparison, run: EngineRun, peak: float) -> str:
 
 
 def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], repeats: int, steps: int | None,
-                 settings: EngineSettings, protectors: list[str], json_path: Path | None) -> list[Comparison]:
+                 settings: EngineSettings, protectors: list[str], json_path: Path | None) -> Bench:
     bench = Bench(bundle_path, device, settings, steps)
     peak = machine_peak_gflops()
     b = bench.reference.bundle
@@ -221,32 +221,41 @@ def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], 
             "bundle": b.version, "steps": bench.steps, "repeats": repeats, "optimised_settings": asdict(settings),
             "results": [asdict(c) for c in comparisons]}, indent=2))
         print(f"wrote {json_path}")
-    return comparisons
+    return bench
 
 
-def bench_service(bundle_path: Path | None, device: str, batch: int, batches: int, steps: int | None,
-                  settings: EngineSettings, streams: int = 1) -> float:
-    """Faces/s end to end: a local server on loopback, ``streams`` concurrent streams of ``batches`` batches each."""
+def bench_service(bench: Bench, batch: int, batches: int, streams: int = 1) -> tuple[float, float]:
+    """(service faces/s, engine-alone faces/s): a local server on loopback against the same engine alone.
+
+    The server (in this process, with the optimised engine's settings) gets ``streams`` concurrent
+    streams of ``batches`` batches; the optimised engine alone runs the same batch right before and
+    right after, so both see the same machine and the ratio means what it says.
+    """
     from advface_client.loadgen import LoadSpec, run_load
 
     from plugin_service.config import ServerSettings
     from plugin_service.server.app import drain_and_stop, start_server
 
+    z = _features(bench.bundle_path, batch)
+    alone = [_timed(lambda: bench.run(bench.optimised, z, "advface"))]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    server_settings = replace(ServerSettings(), bundle=bundle_path, host="127.0.0.1", port=0, metrics_port=0,
-                              device=device, warmup_faces=batch)  # the warm-up compiles this batch size
-    running = asyncio.run_coroutine_threadsafe(start_server(server_settings.validate(), engine_settings=settings),
-                                               loop).result()
+    server_settings = replace(ServerSettings(), bundle=bench.bundle_path, host="127.0.0.1", port=0, metrics_port=0,
+                              device=str(bench.optimised.device), warmup_faces=batch)  # warm-up compiles this size
+    running = asyncio.run_coroutine_threadsafe(
+        start_server(server_settings.validate(), engine_settings=bench.optimised.settings), loop).result()
     try:
         report = run_load(LoadSpec(target=f"127.0.0.1:{running.port}", streams=streams, batches=batches,
-                                   batch_size=batch, steps=steps or 0, duration_limit=3600.0),
-                          _features(bundle_path, batch))
-        print(f"service over gRPC (loopback, float32, {streams} stream(s) x {batches} batches of {batch}): {report}")
-        return report.faces_per_s
+                                   batch_size=batch, steps=bench.params.steps or 0, duration_limit=3600.0), z)
     finally:
         asyncio.run_coroutine_threadsafe(drain_and_stop(running, 10), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+    alone.append(_timed(lambda: bench.run(bench.optimised, z, "advface")))
+    engine_rate = 2 * batch / sum(alone)
+    print(f"service over gRPC (loopback, float32, {streams} stream(s) x {batches} batches of {batch}): {report}")
+    print(f"engine alone on the same batch, before and after: {engine_rate:.2f} faces/s; "
+          f"service / engine = {report.faces_per_s / engine_rate:.0%}")
+    return report.faces_per_s, engine_rate
 
 
 def profile_step(bundle_path: Path | None, device: str, batch_sizes: list[int], settings: EngineSettings,

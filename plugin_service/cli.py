@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -272,11 +273,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.profile:
         profile_step(args.bundle, args.device, args.batch_sizes, settings)
         return 0
-    bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps, settings, args.protectors,
-                 args.json)
+    bench = bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps, settings,
+                         args.protectors, args.json)
     if args.service_batches:
-        bench_service(args.bundle, args.device, args.batch_sizes[-1], args.service_batches, args.steps, settings,
-                      args.service_streams)
+        bench_service(bench, args.batch_sizes[-1], args.service_batches, args.service_streams)
     return 0
 
 
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait stall one another when other processes share the cores:
+    # PGD ran 6x slower on 2 shared cores (README, Performance on CPU). Read once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
