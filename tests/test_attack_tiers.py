@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from plugin_service.bundle import load_bundle, sample_faces_path
@@ -17,6 +18,7 @@ from plugin_service.faces import load_face_folder
 from plugin_service.image_metrics import ssim
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.slow  # each test optimises faces or trains a network on the real E
 
 
 def test_inversion_recovers_a_clean_face_through_e() -> None:

@@ -57,7 +57,7 @@ def test_missing_file(bundle_dir: Path) -> None:
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="not found"):
+    with pytest.raises(BundleError, match="does not exist"):
         load_bundle(tmp_path / "nope")
 
 

@@ -30,6 +30,7 @@ def _distance(model: torch.nn.Module, faces: torch.Tensor) -> float:
     return float((1 - torch.nn.functional.cosine_similarity(student, target, dim=1)).mean())
 
 
+@pytest.mark.slow  # trains a student
 def test_distillation_lowers_student_teacher_distance_and_resumes(tmp_path: Path) -> None:
     cfg = DistillTraining(data=(sample_faces_path(),), out=tmp_path / "s.safetensors",
                           spec=RecognizerSpec(width=8, embedding_dim=16), epochs=6, batch_size=8, lr=1e-2,

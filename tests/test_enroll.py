@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from advface_client.cli import main as client_main
 
 from plugin_service.bundle import load_bundle, sample_faces_path
@@ -34,6 +35,7 @@ def _enroll_cmd(live: LiveServer, bundle: Path, out: Path, *extra: str) -> list[
             "--input", str(sample_faces_path()), "--out", str(out), "--bundle", str(bundle), "--no-progress", *extra]
 
 
+@pytest.mark.slow  # two enrollment subprocesses, 40 PGD steps
 def test_killed_enrollment_resumes_and_enrolls_every_face_once(live_server: LiveServer, tiny_bundle: Path,
                                                               tmp_path: Path) -> None:
     out = tmp_path / "enrolled"

@@ -139,6 +139,7 @@ def test_cache_round_trip_and_corrupt_files(tmp_path: Path) -> None:
     assert ModelCache(None).load("k", spec) is None and ModelCache(None).save("k", model, spec, {}) is None
 
 
+@pytest.mark.slow  # trains attackers
 def test_attackers_train_on_the_attacker_half_and_are_cached(world: dict, tmp_path: Path) -> None:
     cfg = _cfg(world, attackers=("transrec",), cache_dir=tmp_path)
     bundle = load_bundle(cfg.bundle)

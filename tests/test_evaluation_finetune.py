@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pytest.mark.slow  # trains a head
 def test_finetune_head_trains_the_head_and_keeps_e_frozen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("ADVFACE_NO_PROGRESS", "1")

@@ -61,6 +61,7 @@ def _run_codec(program: Program, slots: Slots) -> list:
     return answers
 
 
+@pytest.mark.slow  # 4000 hypothesis examples
 @settings(max_examples=4000, derandomize=True, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(program=programs(CODEC_SPACE))
@@ -104,6 +105,7 @@ def _stream(address: str, messages: list[pb.ProtectRequest], cancel_after: bool)
     return grouped
 
 
+@pytest.mark.slow  # fuzzed streams against a live server
 def test_server_answers_fuzzed_streams_exactly_once(start_live_server) -> None:  # noqa: ANN001
     live = start_live_server(max_batch=2, queue_size=2, max_message_mb=8, chunk_kb=1024)
     state = live.running.state

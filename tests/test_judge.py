@@ -20,6 +20,7 @@ def sample_faces():  # noqa: ANN201
     return load_face_folder(sample_faces_path())
 
 
+@pytest.mark.slow  # dlib's model on real faces
 def test_judge_tells_people_apart_on_real_faces(sample_faces) -> None:  # noqa: ANN001
     judge = load_judge()
     emb = judge.embed(sample_faces.images)
@@ -65,6 +66,7 @@ def test_cache_is_reused_and_invalidated_when_a_face_changes(tmp_path: Path) -> 
     assert EmbeddingCache(tmp_path, "other").embed(faces[:1], embedder) is not None and sum(calls) == 7
 
 
+@pytest.mark.slow  # dlib's model on real faces
 def test_judge_pairs_report_scores_an_lfw_layout_pairs_file(sample_faces, tmp_path: Path) -> None:  # noqa: ANN001
     """`advface judge-pairs`: the teacher's own numbers come from the same 10-fold code as the student's."""
     from PIL import Image

@@ -52,7 +52,7 @@ def test_other_split_points_change_the_feature_shape() -> None:
         Extractor("mixed_6a")
 
 
-@pytest.mark.parametrize("arch", ["light", "facenet"])
+@pytest.mark.parametrize("arch", ["light", pytest.param("facenet", marks=pytest.mark.slow)])
 def test_recognizer_round_trip(arch: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Recognizer(RecognizerSpec(arch=arch, width=8)).eval()

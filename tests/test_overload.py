@@ -37,6 +37,7 @@ from tests.helpers import (
 )
 
 features = feature_source(seed=13)
+pytestmark = pytest.mark.slow  # a live server saturated by 20 streams and client subprocesses
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'clients'}", "PYTHONUNBUFFERED": "1"}
 QUEUE = 2  # batches the device queue admits
 STREAMS = 10 * QUEUE  # streams open at once: the server's --max-streams

@@ -314,6 +314,7 @@ def test_permanent_errors_are_not_retried_and_name_the_batch_once(start_live_ser
     assert not _temporary(grpc.StatusCode.RESOURCE_EXHAUSTED, None)
 
 
+@pytest.mark.slow  # an `advface serve` subprocess
 def test_a_bundle_whose_defaults_break_the_policy_is_refused_at_start(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "eps5", TINY_SHADOW, PGDDefaults(steps=3, alpha=0.2, eps=5.0))
     proc = subprocess.run([sys.executable, "-m", "plugin_service.cli", "serve", "--bundle", str(bundle),

@@ -38,6 +38,7 @@ from tests.test_deploy_support import require_tool
 STREAMS, BATCHES_PER_STREAM, FACES = 4, 6, 2
 PACED = 3  # batches each stream has answered before the kill; the rest are sent after it
 DRAIN_SECONDS = 10
+pytestmark = pytest.mark.slow  # two `advface serve` subprocesses per test
 
 
 Replica = ServerProcess  # one `advface serve` subprocess of the pair

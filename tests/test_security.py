@@ -277,6 +277,7 @@ def test_reflection_v1_answers_on_a_plain_server(live_server: LiveServer) -> Non
     assert "advface.v1.AdvFaceGuard" in {s.name for s in listed.list_services_response.service}
 
 
+@pytest.mark.slow  # the demo: a server subprocess and 40 PGD steps
 def test_the_demo_runs_secured_end_to_end(tiny_bundle: Path, pki: Pki, token_file: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     from plugin_service.cli import main as advface_main

@@ -207,6 +207,7 @@ def test_full_queue_pushes_unary_calls_back_with_retry_info(start_live_server) -
     assert retry_hints and all(retry_hints)
 
 
+@pytest.mark.slow  # an `advface serve` subprocess
 def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path, tmp_path: Path) -> None:
     server = spawn_server(tiny_bundle, tmp_path, "--warmup-faces", "48", metrics_port=0)
     seen: list[str] = []
@@ -230,6 +231,7 @@ def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path, tmp_path
     assert seen.index("SERVING") > 0
 
 
+@pytest.mark.slow  # an `advface serve` subprocess
 def test_sigterm_drains_a_batch_in_flight(tiny_bundle: Path, tmp_path: Path) -> None:
     server = spawn_server(tiny_bundle, tmp_path, "--drain-seconds", "60")
     proc = server.proc

@@ -13,6 +13,7 @@ import pytest
 from plugin_service.bundle import default_bundle_path
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test starts an `advface serve` subprocess (seconds: it imports torch)
 
 
 def serve(*flags: str, env: dict[str, str] | None = None) -> tuple[int, str]:
