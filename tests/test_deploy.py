@@ -49,6 +49,7 @@ def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
 
 # --- Prometheus: promtool ----------------------------------------------------------------------------------
 
+@pytest.mark.integration  # promtool (Debian: prometheus)
 def test_promtool_check_config() -> None:
     promtool = require_tool("promtool")
     result = _run([promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")])
@@ -56,6 +57,7 @@ def test_promtool_check_config() -> None:
     assert "1 rule files found" in result.stdout + result.stderr  # the config really loads alerts.yml
 
 
+@pytest.mark.integration  # promtool (Debian: prometheus)
 def test_promtool_check_rules() -> None:
     promtool = require_tool("promtool")
     result = _run([promtool, "check", "rules", str(PROMETHEUS_DIR / "alerts.yml")])
@@ -74,6 +76,7 @@ def _promtool_unit_dir(tmp_path: Path, alerts: dict[str, Any]) -> Path:
     return tmp_path / "alerts.test.yml"
 
 
+@pytest.mark.integration  # promtool (Debian: prometheus)
 def test_promtool_unit_tests_of_the_alerts(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     tests = _promtool_unit_dir(tmp_path, load_yaml(PROMETHEUS_DIR / "alerts.yml"))
@@ -82,6 +85,7 @@ def test_promtool_unit_tests_of_the_alerts(tmp_path: Path) -> None:
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.integration  # promtool (Debian: prometheus)
 def test_promtool_unit_tests_catch_a_broken_threshold(tmp_path: Path) -> None:
     """The unit tests are not vacuous: a privacy-gain alert that can no longer fire fails them."""
     promtool = require_tool("promtool")
