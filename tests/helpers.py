@@ -137,16 +137,22 @@ def edited_request(batch_id: str, z, options=None, **fields: object):  # noqa: A
 
 
 class HeldStream:
-    """A ProtectStream whose request side sends ``messages`` and then waits for :meth:`go` (more messages or the end)."""
+    """A ProtectStream whose request side sends ``messages`` and then waits for :meth:`go` (more messages or the end).
 
-    def __init__(self, address: str, messages: list[pb.ProtectRequest]) -> None:
+    Until :meth:`go` the stream is not half-closed; :meth:`close` cancels it without half-closing.
+    """
+
+    def __init__(self, address: str, messages: list[pb.ProtectRequest],
+                 channel_options: Sequence[tuple[str, object]] = ()) -> None:
         self._go = threading.Event()
+        self.sent = threading.Event()  # set once ``messages`` have all been handed to gRPC
         self._more: list[pb.ProtectRequest] = []
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(address, options=list(channel_options))
         self.call = pb_grpc.AdvFaceGuardStub(self.channel).ProtectStream(self._requests(messages), timeout=120)
 
     def _requests(self, first: list[pb.ProtectRequest]) -> Iterator[pb.ProtectRequest]:
         yield from first
+        self.sent.set()
         self._go.wait(120)
         yield from self._more
 
@@ -155,17 +161,19 @@ class HeldStream:
         self._go.set()
 
     def answers(self) -> Iterator:
-        """Decoded answers (``BatchResult``) as their last chunk arrives."""
+        """Decoded answers (``BatchResult``) as their last chunk arrives; fails if the stream ends mid-answer."""
         chunks: list[pb.ProtectResponse] = []
         for msg in self.call:
             chunks.append(msg)
             if len(chunks) == max(1, chunks[0].chunk_count):
                 yield decode_response_chunks(chunks)
                 chunks = []
+        assert not chunks, "a response was cut short"
 
     def close(self) -> None:
-        self._go.set()
+        """Cancels the call (a no-op once it has ended) before releasing the request side, so it never half-closes."""
         self.call.cancel()
+        self._go.set()
         self.channel.close()
 
 

@@ -12,19 +12,18 @@ server is awaited on its own state-change events, every call has a deadline.
 
 from __future__ import annotations
 
-import threading
 
 import grpc
 import numpy as np
 import pytest
 from advface.v1 import plugin_pb2 as pb
-from advface.v1 import plugin_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from advface.codec import BatchError, BatchLimits, decode_response_chunks, encode_request, response_id
+from advface.codec import BatchError, BatchLimits, encode_request, response_id
 from plugin_service.server.reassembly import Failed, Slots, StreamAssembler
 from tests.fuzz_streams import OK, TIMEOUT, Program, Space, programs
+from tests.helpers import HeldStream
 
 CODEC_SPACE = Space(feature_shape=(2, 3, 3), max_batch=4, bound=100.0, chunk_sizes=(16, 64, 100, 1 << 20),
                     timeouts=True, options=False)
@@ -79,30 +78,16 @@ SERVER_SPACE = Space(feature_shape=(64, 77, 77), max_batch=2, bound=1e4, chunk_s
 
 def _stream(address: str, messages: list[pb.ProtectRequest], cancel_after: bool) -> list:
     """Sends ``messages`` on one stream; returns the decoded answers (none if the call is cancelled after sending)."""
-    sent, cancelled = threading.Event(), threading.Event()
-
-    def requests():  # noqa: ANN202
-        yield from messages
-        sent.set()
+    held = HeldStream(address, messages, channel_options=[("grpc.max_receive_message_length", 64 << 20),
+                                                          ("grpc.max_send_message_length", 64 << 20)])
+    try:
         if cancel_after:
-            cancelled.wait(60)  # never half-closes; the call is cancelled below
-
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20),
-                                                 ("grpc.max_send_message_length", 64 << 20)]) as channel:
-        call = pb_grpc.AdvFaceGuardStub(channel).ProtectStream(requests(), timeout=60)
-        if cancel_after:
-            sent.wait(60)
-            call.cancel()
-            cancelled.set()
-            return []
-        grouped, chunks = [], []
-        for msg in call:
-            chunks.append(msg)
-            if len(chunks) == max(1, chunks[0].chunk_count):
-                grouped.append(decode_response_chunks(chunks))
-                chunks = []
-        assert not chunks, "a response was cut short"
-    return grouped
+            assert held.sent.wait(60), "the messages were never sent"
+            return []  # never half-closed; cancelled below
+        held.go()
+        return list(held.answers())
+    finally:
+        held.close()
 
 
 @pytest.mark.slow  # fuzzed streams against a live server
