@@ -48,7 +48,7 @@ def machine_peak_gflops(size: int = 2048, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _timed(fn) -> float:  # noqa: ANN001
+def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def _opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 

@@ -83,7 +83,7 @@ def test_channels_last_step_matches_the_contiguous_step() -> None:
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
-    def broken_backend(graph, example_inputs):  # noqa: ANN001, ANN202 - the torch.compile backend signature
+    def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
 
     shadow, base, delta, image = _step_inputs()

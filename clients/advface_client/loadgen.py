@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from advface.codec import Options
+
 from advface_client.client import GuardClient
 
 LOOPBACK_NAMES = ("localhost",)

@@ -24,7 +24,7 @@ class Protection:
     shadow_loss_before: torch.Tensor | None = None
     shadow_loss_after: torch.Tensor | None = None
     cosine: torch.Tensor | None = None  # resynth: cos(R(stored), R(z)) reached
-    steps: torch.Tensor | None = None  # resynth: optimiser steps taken
+    steps: torch.Tensor | None = None  # resynth: optimiser steps taken; AdvFace (FastAdvFace): PGD steps each face ran
 
 
 class Protector(ABC):

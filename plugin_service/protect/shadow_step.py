@@ -39,7 +39,7 @@ class ShadowStep:
         backend (str | Callable): ``torch.compile`` backend. (Default: 'inductor')
     """
 
-    def __init__(self, shadow: nn.Module, compile: bool = True,  # noqa: A002 - the setting's name
+    def __init__(self, shadow: nn.Module, compile: bool = True,
                  backend: str | Callable = "inductor") -> None:
         self.eager = ShadowLoss(shadow)
         self.compiled: Callable | None = torch.compile(self.eager, backend=backend, dynamic=False) if compile else None
