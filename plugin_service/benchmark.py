@@ -153,6 +153,11 @@ class Bench:
         setup, per_step = self._per_step
         return setup + per_step * steps
 
+    def _loop_steps(self, result: EngineResult) -> float:
+        """Steps the early-stopping loop ran: until the host's first check after the last face stopped."""
+        every = self.optimised.settings.check_every
+        return float(min(self.steps, -(-int(np.max(result.steps)) // every) * every))
+
     def compare(self, protector: str, n: int, repeats: int) -> Comparison:
         z = _features(self.bundle_path, n)
         compile_seconds = _timed(lambda: self.run(self.optimised, z, protector))
@@ -169,7 +174,7 @@ class Bench:
             if protector == "advface":
                 early = name == "optimised" and self.optimised.settings.early_stop
                 steps = float(np.mean(results[0].steps)) if early else float(self.steps)
-                flops = self._advface_flops(z, float(np.max(results[0].steps)) if early else self.steps)
+                flops = self._advface_flops(z, self._loop_steps(results[0]) if early else self.steps)
             else:
                 flops = _flops(self.reference, z[: min(n, 2)], protector, self.params)
             gain = _gain(results[0]) if protector == "advface" else float("nan")
