@@ -254,6 +254,34 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge_pairs(args: argparse.Namespace) -> int:
+    from plugin_service.judge import EmbeddingCache, JudgeNotInstalled, load_judge
+    from plugin_service.judge.pairs_report import format_report, judge_pairs_report
+    from plugin_service.runtime import judge_cache_dir
+
+    try:
+        judge = load_judge()
+    except JudgeNotInstalled as exc:
+        print(f"advface judge-pairs: {exc}", file=sys.stderr)
+        return 2
+    cache = EmbeddingCache(args.judge_cache_dir or judge_cache_dir(), judge.name)
+    print(f"{judge.name} on {args.pairs}: " + format_report(judge_pairs_report(judge, cache, args.data, args.pairs,
+                                                                              args.pairs_per_fold)))
+    return 0
+
+
+def _add_judge_pairs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge-pairs", help="the dlib judge/teacher's own verification numbers on a pairs file",
+                       description="10-fold accuracy, fold spread and TAR@FAR of the dlib judge (the distillation "
+                       "teacher) on an LFW-format pairs file, scored like every recogniser here, plus its accuracy "
+                       "at dlib's fixed 0.6 distance. Embeddings are cached by pixel hash.")
+    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder the pairs refer to")
+    p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs.txt over --data")
+    p.add_argument("--pairs-per-fold", type=int, help="only this many matched and mismatched pairs per fold")
+    p.add_argument("--judge-cache-dir", type=Path, help="embedding cache (default: ~/.cache/advface/judge)")
+    p.set_defaults(func=_cmd_judge_pairs)
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="print parameters and FLOPs per face of E, the head and each shadow architecture")
     p.add_argument("--width", type=int, default=16, help="shadow width (default: %(default)s)")
@@ -316,34 +344,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_shadow_check(args: argparse.Namespace) -> int:
     from plugin_service.bundle import default_recognizer_path
     from plugin_service.evaluation.shadow_check import format_table, shadow_check
-def _cmd_judge_pairs(args: argparse.Namespace) -> int:
-    from plugin_service.judge import EmbeddingCache, JudgeNotInstalled, load_judge
-    from plugin_service.judge.pairs_report import format_report, judge_pairs_report
-    from plugin_service.runtime import judge_cache_dir
-
-    try:
-        judge = load_judge()
-    except JudgeNotInstalled as exc:
-        print(f"advface judge-pairs: {exc}", file=sys.stderr)
-        return 2
-    cache = EmbeddingCache(args.judge_cache_dir or judge_cache_dir(), judge.name)
-    print(f"{judge.name} on {args.pairs}: " + format_report(judge_pairs_report(judge, cache, args.data, args.pairs,
-                                                                              args.pairs_per_fold)))
-    return 0
-
-
-def _add_judge_pairs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("judge-pairs", help="the dlib judge/teacher's own verification numbers on a pairs file",
-                       description="10-fold accuracy, fold spread and TAR@FAR of the dlib judge (the distillation "
-                       "teacher) on an LFW-format pairs file, scored like every recogniser here, plus its accuracy "
-                       "at dlib's fixed 0.6 distance. Embeddings are cached by pixel hash.")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder the pairs refer to")
-    p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs.txt over --data")
-    p.add_argument("--pairs-per-fold", type=int, help="only this many matched and mismatched pairs per fold")
-    p.add_argument("--judge-cache-dir", type=Path, help="embedding cache (default: ~/.cache/advface/judge)")
-    p.set_defaults(func=_cmd_judge_pairs)
-
-
     from plugin_service.models.recognizer import load_recognizer
     from plugin_service.runtime import pick_device
 
