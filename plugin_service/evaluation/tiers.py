@@ -148,8 +148,11 @@ class TierRunner:
         with torch.no_grad():
             emb = torch.cat([c.recognizer(recon[i : i + 64].to(c.device)).float().cpu() for i in range(0, len(recon), 64)])
         srra = float((F.cosine_similarity(emb, c.originals_embedding[rows], dim=1) >= c.threshold).float().mean())
+        # per chunk: SSIM's filtered maps of a thousand 160x160 faces at once take gigabytes
+        chunks = [(recon[i : i + 64], x[i : i + 64]) for i in range(0, len(recon), 64)]
         row = {"protector": protector, "tier": tier, "attack": attack, "faces": len(recon), "judged_faces": judged_n,
-               "ssim": float(ssim(recon, x).mean()), "psnr": float(psnr(recon, x).mean()),
+               "ssim": float(torch.cat([ssim(r, o) for r, o in chunks]).mean()),
+               "psnr": float(torch.cat([psnr(r, o) for r, o in chunks]).mean()),
                "dlib_same": same_image_rate(judged, original),
                "dlib_rank1": rank1(judged, names[:judged_n], c.gallery), "srra": srra}
         log.info("%s %s %s: SSIM %.3f PSNR %.2f dlib same %.3f rank-1 %.3f SRRA %.3f", protector, tier, attack,
