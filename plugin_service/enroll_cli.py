@@ -10,10 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import grpc
-
 from advface.codec import Options
-from advface_client.connection import client_from_args, connection_parser
+from advface_client.connection import client_from_args, connection_parser, run_reporting_errors
 
 
 def load_client_extractor(bundle: Path | None, facenet_weights: Path | None):  # noqa: ANN201 - (Extractor, version)
@@ -54,14 +52,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    try:
-        return _enroll(args)
-    except grpc.RpcError as e:
-        print(f"advface enroll: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"advface enroll: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("advface enroll", args, _enroll)
 
 
 def add_enroll_parser(sub: argparse._SubParsersAction) -> None:

@@ -11,9 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import grpc
-
-from advface_client.connection import client_from_args, connection_parser
+from advface_client.connection import client_from_args, connection_parser, run_reporting_errors
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -54,14 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except grpc.RpcError as e:
-        print(f"advface-client: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"advface-client: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("advface-client", args, args.func)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Connection flags (address, TLS, token) shared by `advface-client` and `advface demo`.
+"""Connection flags (address, TLS, token) and error reporting shared by `advface-client`, `advface enroll` and `advface demo`.
 
 The flags live in argparse *parent* parsers, so they are accepted before and after the
 sub-command (``advface-client health --target host:port``). The copy given to sub-commands
@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from advface_client.client import GuardClient, TLSConfig
 
@@ -78,3 +82,15 @@ def token_from_args(args: argparse.Namespace) -> str | None:
 def client_from_args(args: argparse.Namespace, target: str | None = None) -> GuardClient:
     return GuardClient(target or args.target, tls=tls_from_args(args), timeout=args.timeout,
                        token=token_from_args(args))
+
+
+def run_reporting_errors(prog: str, args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """``command(args)``, with a failed call (exit 1) or bad input (exit 2) as one line on stderr, no traceback."""
+    try:
+        return int(command(args))
+    except grpc.RpcError as e:
+        print(f"{prog}: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
