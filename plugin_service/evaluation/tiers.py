@@ -104,8 +104,9 @@ def build_gallery(root: Path, names: list[str], paths: list[Path], judge_embed: 
     harder to reach by luck: chance falls to 1 / gallery size, as in an open identification search.
     """
     probes = {Path(p) for p in paths}
-    probe_names = sorted(set(names))
-    others = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and d.name not in set(probe_names))
+    probe_set = set(names)
+    probe_names = sorted(probe_set)
+    others = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and d.name not in probe_set)
     order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed)).tolist()
     candidates = probe_names + [others[i] for i in order[:distractors]]
     chosen: dict[str, Path] = {}
