@@ -79,3 +79,9 @@ def pick_examples(names: Sequence[str], k: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
     picks = np.linspace(0, len(people) - 1, num=min(k, len(people))).round().astype(int)
     return torch.tensor([first[people[i]] for i in dict.fromkeys(picks.tolist())], dtype=torch.long)
+
+
+def select_privacy_faces(n_faces: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of the faces scored for privacy: the first ``limit`` of the passes' seeded, identity-mixing order."""
+    order = batch_order(n_faces, seed)
+    return order[:limit] if limit else order

@@ -46,19 +46,21 @@ class PassOutputs:
     shadow_loss_after: np.ndarray | None = None
     seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
-    features: torch.Tensor | None = None  # (N, C, H, W) float16 stored features, when kept
+    features: torch.Tensor | None = None  # (K, C, H, W) float16 stored features of the ``keep`` faces, in its order
 
 
 @torch.no_grad()
 def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, protector: Protector,
              attackers: Mapping[str, nn.Module], heads: Mapping[str, Recognizer], recognizer: Recognizer,
              batch_size: int, device: torch.device, examples: torch.Tensor, desc: str = "pass",
-             keep_features: bool = False) -> PassOutputs:
+             keep: torch.Tensor | None = None) -> PassOutputs:
     """Streams ``images`` (uint8) through E, ``protector``, every attacker and every head.
 
     ``order`` fixes which faces share a protector batch; ``examples`` are face indices whose
     reconstructions are kept for the figure. ``recognizer`` embeds reconstructed images for
-    the replay attack; ``heads`` embed the stored features for verification.
+    the replay attack; ``heads`` embed the stored features for verification. The stored features
+    of the ``keep`` faces (indices) are returned, so the attacker tiers can attack exactly what
+    this pass stored without keeping all of LFW's (six gigabytes per protector).
     """
     start = time.perf_counter()
     n = len(images)
@@ -70,15 +72,19 @@ def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, pr
     norms = np.zeros(n)
     before, after = np.full(n, np.nan), np.full(n, np.nan)
     kept_features: torch.Tensor | None = None
+    slot = torch.full((n,), -1, dtype=torch.long)
+    if keep is not None:
+        slot[keep] = torch.arange(len(keep))
     batches = order.split(batch_size)
     for idx in progress(batches, total=len(batches), desc=desc):
         x = images[idx].float().div(255.0).to(device)
         result = protector(extractor(x))
         stored = result.features
-        if keep_features:
+        if keep is not None:
             if kept_features is None:
-                kept_features = torch.empty((n, *stored.shape[1:]), dtype=torch.float16)
-            kept_features[idx] = stored.to(torch.float16).cpu()
+                kept_features = torch.empty((len(keep), *stored.shape[1:]), dtype=torch.float16)
+            mine = slot[idx] >= 0
+            kept_features[slot[idx][mine]] = stored[mine.to(stored.device)].to(torch.float16).cpu()
         rows = idx.numpy()
         norms[rows] = result.perturbation_norm.float().cpu().numpy()
         if result.shadow_loss_before is not None and result.shadow_loss_after is not None:

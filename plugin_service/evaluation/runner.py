@@ -24,9 +24,11 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from plugin_service import hostmem
 from plugin_service.bundle import Bundle, default_recognizer_path, load_bundle
 from plugin_service.evaluation.adaptive import train_adaptive_attacker
 from plugin_service.evaluation.attackers import (
@@ -37,8 +39,9 @@ from plugin_service.evaluation.attackers import (
 from plugin_service.evaluation.cache import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.consistency import require_same_extractor
-from plugin_service.evaluation.data import batch_order, load_attack_data, pick_examples
+from plugin_service.evaluation.data import batch_order, load_attack_data, pick_examples, select_privacy_faces
 from plugin_service.evaluation.disjointness import check_disjoint
+from plugin_service.evaluation.pass_cache import CachedPass, PassCache, model_digest, tensor_digest
 from plugin_service.evaluation.pipeline import PassOutputs, run_pass
 from plugin_service.evaluation.privacy import summarize
 from plugin_service.evaluation.protection import make_protector, with_eps
@@ -60,43 +63,65 @@ class PassRunner:
     """Runs each distinct protector setting once over the verification faces and summarises it.
 
     Passes are memoised on (protector, its resolved parameters, shadow), so the sweep point at
-    the main table's eps and the transfer row of the bundle's own shadow cost nothing extra.
-    Reconstructions of the example faces are kept (outside results.json) for the figure.
+    the main table's eps and the transfer row of the bundle's own shadow cost nothing extra, and
+    each pass with the bundle's shadow is also kept in ``pass_cache`` so a restarted run resumes.
+    Reconstructions of the example faces are kept (outside results.json) for the figure, and the
+    stored features of the ``keep`` faces (the tiers' privacy faces) for the tiers.
     """
 
     def __init__(self, cfg: EvaluationConfig, bundle: Bundle, faces: EvalFaces, attackers: dict[str, nn.Module],
                  heads: dict[str, Recognizer], clean: dict[str, torch.Tensor], threshold: float,
-                 device: torch.device) -> None:
+                 device: torch.device, keep: torch.Tensor | None, pass_cache: PassCache) -> None:
         self.cfg, self.bundle, self.faces, self.attackers, self.heads = cfg, bundle, faces, attackers, heads
-        self.clean, self.threshold, self.device = clean, threshold, device
+        self.clean, self.threshold, self.device, self.keep, self.pass_cache = clean, threshold, device, keep, pass_cache
         self.order = batch_order(len(faces), cfg.seed)
         self.examples = pick_examples(faces.names, cfg.examples)
-        # The tiers attack the very features the main table stored, when they score every face.
-        self.keep_features = cfg.tiers and (cfg.tier_faces is None or cfg.tier_faces >= len(faces))
-        self.stored: dict[str, torch.Tensor] = {}
+        self.stored: dict[str, torch.Tensor] = {}  # protector -> stored features of the keep faces, in keep's order
         self.records: dict[str, dict[str, Any]] = {}
         self.example_images: dict[str, dict[str, torch.Tensor]] = {}
+        self._inputs = {  # everything a pass depends on besides the protector (see pass_cache.py)
+            "bundle": bundle.content_hash, "faces": tensor_digest(faces.images),
+            "names": tensor_digest(faces.names), "paths": tensor_digest(str(p) for p in faces.paths),
+            "pairs": tensor_digest(np.stack([faces.pairs.left, faces.pairs.right, faces.pairs.same,
+                                             faces.pairs.folds]).tolist()),
+            "order": tensor_digest(self.order), "examples": tensor_digest(self.examples),
+            "keep": tensor_digest(keep) if keep is not None else None, "batch_size": cfg.batch_size,
+            "attackers": {k: model_digest(m) for k, m in attackers.items()},
+            "heads": {k: model_digest(m) for k, m in heads.items()}, "threshold": threshold,
+            "channels_last": cfg.channels_last, "device": str(device), "seed": cfg.seed,
+        }
 
     def run(self, name: str, params: ProtectorParams, shadow: nn.Module | None = None,
             shadow_label: str = "bundle") -> dict[str, Any]:
         protector = make_protector(name, self.bundle, params, shadow=shadow,
-                                   generator=torch.Generator().manual_seed(self.cfg.seed))
+                                   generator=torch.Generator().manual_seed(self.cfg.seed),
+                                   channels_last=self.cfg.channels_last)
         key = json.dumps([name, protector.params(), shadow_label if name == "advface" else None], sort_keys=True)
         if key in self.records:
             return self.records[key]
         label = f"{name} {json.dumps(protector.params(), sort_keys=True)}"
         label += f" shadow={shadow_label}" if name == "advface" else ""
-        log.info("pass: %s", label)
-        out = run_pass(self.faces.images, self.order, self.bundle.extractor, protector, self.attackers, self.heads,
-                       self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name,
-                       keep_features=self.keep_features and shadow is None and name not in self.stored)
-        if out.features is not None and params == self.cfg.protector_params():
-            self.stored[name] = out.features
-        record = self._summarise(name, protector.params(), shadow_label if name == "advface" else None, out)
-        log.info("pass %s took %.1f s", label, out.seconds)
+        wants_features = self.keep is not None and shadow is None and params == self.cfg.protector_params()
+        disk_key = self.pass_cache.key({**self._inputs, "pass": key, "features": wants_features}) \
+            if shadow is None else None
+        done = self.pass_cache.load(disk_key) if disk_key is not None else None
+        if done is not None:
+            log.info("pass: %s, finished by an earlier run (resumed from the cache)", label)
+        else:
+            log.info("pass: %s", label)
+            out = run_pass(self.faces.images, self.order, self.bundle.extractor, protector, self.attackers, self.heads,
+                           self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name,
+                           keep=self.keep if wants_features else None)
+            log.info("pass %s took %.1f s", label, out.seconds)
+            record = self._summarise(name, protector.params(), shadow_label if name == "advface" else None, out)
+            done = CachedPass(record, {a: o.examples for a, o in out.attacks.items()}, out.features)
+            if disk_key is not None:
+                self.pass_cache.save(disk_key, done)
+        if done.features is not None:
+            self.stored[name] = done.features
+        record = dict(done.record, key=key)
         self.records[key] = record
-        self.example_images[key] = {a: o.examples for a, o in out.attacks.items()}
-        record["key"] = key
+        self.example_images[key] = done.examples
         return record
 
     def _summarise(self, name: str, params: dict[str, Any], shadow_label: str | None, out: PassOutputs) -> dict[str, Any]:
@@ -146,6 +171,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
     from plugin_service.evaluation.report import write_outputs
 
     started = time.perf_counter()
+    hostmem.set_reuse(True)  # exact: freed activations stay mapped between PGD steps (engine_settings.py)
     seed_everything(cfg.seed)
     judge = load_judge() if cfg.tiers else None  # fails fast, naming what to install
     device = pick_device(cfg.device)
@@ -182,8 +208,11 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
     threshold = clean_verification[PRIMARY].threshold
     log.info("clean verification accuracy %.4f, replay threshold %.4f", clean_verification[PRIMARY].accuracy, threshold)
 
+    keep = select_privacy_faces(len(faces), cfg.tier_faces, cfg.seed) if judge is not None else None
+    pass_root = cfg.resolved_cache_dir()
+    pass_cache = PassCache(pass_root / "passes" if pass_root is not None and cfg.resume else None)
     passes = PassRunner(cfg, bundle, faces, {k: v.model.to(device) for k, v in all_attackers.items()}, heads,
-                        clean, threshold, device)
+                        clean, threshold, device, keep, pass_cache)
     main = {name: passes.run(name, base) for name in protectors}
     tradeoff = []
     for name in (p for p in protectors if p in SWEEP_KNOB):

@@ -33,7 +33,7 @@ from plugin_service.bundle import Bundle
 from plugin_service.evaluation.attackers import TrainedNet, attacker_recipe, shadow_recipe, train_on_features
 from plugin_service.evaluation.cache import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
-from plugin_service.evaluation.data import AttackData, batch_order, fingerprint
+from plugin_service.evaluation.data import AttackData, batch_order, fingerprint, select_privacy_faces
 from plugin_service.evaluation.embedding_decoder import EmbeddingDecoder
 from plugin_service.evaluation.identity import Gallery, rank1, same_image_rate
 from plugin_service.evaluation.inversion import (
@@ -88,12 +88,6 @@ class TierContext:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def select_privacy_faces(faces: EvalFaces, limit: int | None, seed: int) -> torch.Tensor:
-    """Indices of the faces scored for privacy: a seeded, identity-mixing subset of the evaluation faces."""
-    order = batch_order(len(faces), seed)
-    return order[:limit] if limit else order
 
 
 def build_gallery(root: Path, names: list[str], paths: list[Path], judge_embed: Callable[[torch.Tensor], torch.Tensor],
@@ -258,13 +252,13 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
               stored: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(results['tiers'], example reconstructions per protector and attack) for every protector and the floor.
 
-    ``stored`` holds the main table's stored features of every evaluation face (in face order), which
-    the tiers then attack instead of protecting the faces a second time.
+    ``stored`` holds the main table's stored features of the privacy faces (``select_privacy_faces``,
+    in its order), which the tiers then attack instead of protecting the faces a second time.
     """
     started = time.perf_counter()
     freeze(recognizer)  # attacks differentiate through R, never into it (and keep no graph of its weights)
     stored = stored or {}
-    chosen = select_privacy_faces(faces, cfg.tier_faces, cfg.seed)
+    chosen = select_privacy_faces(len(faces), cfg.tier_faces, cfg.seed)
     images = faces.images[chosen]
     names = [faces.names[i] for i in chosen.tolist()]
     paths = [faces.paths[i] for i in chosen.tolist()]
@@ -292,7 +286,7 @@ def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, fac
     for name in protectors:
         defender, attacker_copy = _storers(name, cfg, bundle, own_shadow, base, device)
         runner.run(name, defender, attacker_copy, floor=False,
-                   stored=stored[name][chosen] if name in stored else None)
+                   stored=stored.get(name))
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         return recognizer(x)
