@@ -16,8 +16,8 @@ from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
     add_finetune_head_parser,
 )
+from plugin_service.names import IDENTITY_HALVES, RECOGNIZER_ARCHITECTURES, SHADOW_ARCHITECTURES, TEACHERS
 
-SHADOW_ARCHS = ("urec", "resrec", "transrec")
 # Third-party modules the base install (the client) lacks -> the extra that brings them.
 EXTRA_OF_MODULE = {"torch": "serve", "torchvision": "serve", "facenet_pytorch": "serve", "safetensors": "serve",
                    "PIL": "serve", "prometheus_client": "serve", "grpc_reflection": "serve", "tqdm": "serve",
@@ -62,9 +62,9 @@ def _add_train_recognizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, nargs="+",
                    help="LFW-layout folder(s): NAME/NAME_NNNN.jpg, one folder per identity; never the evaluation sets")
     p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
-    p.add_argument("--teacher", choices=("dlib",), help="distil from this pretrained recogniser (pip install "
+    p.add_argument("--teacher", choices=TEACHERS, help="distil from this pretrained recogniser (pip install "
                    "'advface-guard[eval]'); labels are then optional")
-    p.add_argument("--arch", choices=("light", "facenet"), default="light",
+    p.add_argument("--arch", choices=RECOGNIZER_ARCHITECTURES, default="light",
                    help="light: E + small conv head (trainable on CPU); facenet: full InceptionResnetV1")
     p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
     p.add_argument("--width", type=int, default=32, help="light head: channels of the first block (default: %(default)s)")
@@ -109,10 +109,10 @@ def _add_train_shadow(sub: argparse._SubParsersAction) -> None:
                    help="weights for E: a recogniser .safetensors made by train-recognizer, or a FaceNet state dict "
                    "(e.g. 20180402-114759-vggface2.pt, read with weights_only=True)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--arch", choices=SHADOW_ARCHS, default="resrec", help="shadow architecture (default: resrec)")
+    p.add_argument("--arch", choices=SHADOW_ARCHITECTURES, default="resrec", help="shadow architecture (default: resrec)")
     p.add_argument("--width", type=int, default=16, help="channels of the network's main stage")
     p.add_argument("--depth", type=int, default=2, help="residual blocks (resrec), levels (urec), extra layers (transrec)")
-    p.add_argument("--half", choices=("all", "defender", "attacker"), default="all",
+    p.add_argument("--half", choices=IDENTITY_HALVES, default="all",
                    help="train on one identity half of --data, so attackers can train on the other (default: all)")
     p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
     p.add_argument("--epochs", type=int, default=10)
@@ -150,9 +150,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from plugin_service.config import settings_from_args
     from plugin_service.engine_settings import engine_settings_from_args
-    from plugin_service.server.app import serve
-
     from plugin_service.runtime import pick_device
+    from plugin_service.server.app import serve
 
     try:
         settings = settings_from_args(args)
@@ -241,7 +240,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     shape = extractor.feature_shape()
     rows = [("E (client extractor)", extractor, (3, 160, 160)),
             (f"light recogniser head (width {args.head_width})", LightHead(shape[0], args.head_width, 128), shape)]
-    for arch in SHADOW_ARCHS:
+    for arch in SHADOW_ARCHITECTURES:
         try:
             rows.append((f"{arch} (width {args.width}, depth {args.depth})",
                          build_shadow(ShadowSpec(arch, args.width, args.depth, shape[0], shape[1])), shape))

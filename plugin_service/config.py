@@ -63,7 +63,7 @@ class ServerSettings:
         return tuple(p.strip() for p in self.protectors.split(",") if p.strip())
 
     def validate(self) -> ServerSettings:
-        from plugin_service.protector_params import PROTECTORS
+        from plugin_service.names import PROTECTORS
 
         unknown = [p for p in self.allowed_protectors if p not in PROTECTORS or p == "none"]
         if unknown:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from plugin_service.models.extractor import FACE_SIZE
+from plugin_service.names import IDENTITY_HALVES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ALIGN_MARGIN = 14
@@ -179,3 +180,10 @@ def split_identities(identities: Sequence[str]) -> tuple[list[str], list[str]]:
     defender = sorted(n for n in identities if side(n) == 0)
     attacker = sorted(n for n in identities if side(n) == 1)
     return defender, attacker
+
+
+def identity_half(identities: Sequence[str], half: str) -> list[str]:
+    """The identities of ``half`` (:data:`plugin_service.names.IDENTITY_HALVES`): all, or one side of the split."""
+    if half not in IDENTITY_HALVES:
+        raise ValueError(f"unknown identity half {half!r}; choose one of {', '.join(IDENTITY_HALVES)}")
+    return list(identities) if half == "all" else split_identities(identities)[IDENTITY_HALVES.index(half) - 1]

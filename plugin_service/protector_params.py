@@ -1,4 +1,4 @@
-"""Protector names and the per-call parameters a client or job may set: pure data, no PyTorch.
+"""The per-call protector parameters a client or job may set: pure data, no PyTorch (names: ``names.py``).
 
 The server's policy checks requests against these before anything reaches the device, and it
 must stay importable without torch (the servicer knows nothing of PyTorch), so they live here
@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from plugin_service.bundle import Bundle
-
-PROTECTORS = ("advface", "resynth", "random", "dp", "none")
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from plugin_service.bundle import load_bundle, sample_faces_path
-from plugin_service.evaluation.identity import Gallery, rank1
-from plugin_service.evaluation.inversion import (
+from plugin_service.evaluation.attacks import (
     InversionSettings,
     feature_objective,
     fit_surrogate_extractor,
     invert,
+    predict,
+    train_linkage_student,
 )
-from plugin_service.evaluation.linkage import predict, train_linkage_student
+from plugin_service.evaluation.scoring import Gallery, rank1
 from plugin_service.faces import load_face_folder
 from plugin_service.image_metrics import ssim
 

@@ -14,17 +14,18 @@ from plugin_service.evaluation.attackers import (
     recipe_key,
     train_attackers,
 )
-from plugin_service.evaluation.cache import ModelCache, cache_key
+from plugin_service.evaluation.caches import ModelCache, cache_key
 from plugin_service.evaluation.cli_args import add_evaluate_parser
-from plugin_service.evaluation.config import EvaluationConfig
-from plugin_service.evaluation.data import batch_order, fingerprint, load_attack_data
-from plugin_service.evaluation.disjointness import (
+from plugin_service.evaluation.config import EvaluationConfig, EvaluationError
+from plugin_service.evaluation.data import (
     DisjointnessError,
+    batch_order,
     check_disjoint,
+    fingerprint,
+    load_attack_data,
     shadow_identities,
 )
-from plugin_service.evaluation.errors import EvaluationError
-from plugin_service.evaluation.protection import make_protector, protect_dataset
+from plugin_service.evaluation.passes import make_protector, protect_dataset
 from plugin_service.evaluation.runner import run_evaluation
 from plugin_service.faces import split_identities
 from plugin_service.models.extractor import Extractor

@@ -15,8 +15,7 @@ from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
     add_finetune_head_parser,
 )
-from plugin_service.evaluation.config import QUICK_DEFAULTS, EvaluationConfig
-from plugin_service.evaluation.errors import EvaluationError
+from plugin_service.evaluation.config import QUICK_DEFAULTS, EvaluationConfig, EvaluationError
 from plugin_service.models.extractor import Extractor
 from plugin_service.models.recognizer import load_recognizer
 from tests.synthetic_data import write_bundle, write_face_folder, write_recognizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plugin_service.evaluation.data import pick_examples
-from plugin_service.evaluation.replay import (
+from plugin_service.evaluation.scoring import (
     other_image_index,
     replay_attack,
     replay_success_rate,

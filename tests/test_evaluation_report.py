@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from plugin_service.evaluation.cache import ModelCache
+from plugin_service.evaluation.caches import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.report import FIGURES, REPORT, RESULTS, _clean, fmt
 from plugin_service.evaluation.runner import run_evaluation
@@ -153,3 +156,36 @@ def test_sweep_transfer_and_attackers_are_consistent(run: tuple[EvaluationConfig
     assert results["disjointness"] == {"shadow_identities": len(defender), "attacker_identities": len(attacker),
                                        "overlap": 0, "verified": True}
     assert np.isfinite(results["main"]["advface"]["shadow_loss_after"])
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_every_finished_pass_and_reports_the_same_numbers(
+        run: tuple[EvaluationConfig, dict], caplog: pytest.LogCaptureFixture) -> None:
+    cfg, results = run
+    caplog.set_level(logging.INFO, logger="plugin_service.evaluation.runner")
+    again = run_evaluation(replace(cfg, out=cfg.out.parent / "report-again"))
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass: ")]
+    resumed = [m for m in passes if m.endswith("(resumed from the cache)")]
+    # Every pass with the bundle's shadow (main table and sweep) resumes; only transfer shadows' passes recompute.
+    assert len(resumed) >= len(results["main"]) + 3  # the sweep's eps 0 (random, advface) and dp 2
+    assert all(m in resumed or "shadow=defender-" in m for m in passes), passes
+    strip = lambda main: {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in main.items()}  # noqa: E731
+    assert strip(again["main"]) == strip(results["main"])
+    assert again["tiers"]["rows"] == results["tiers"]["rows"]
+
+
+def test_a_pass_keeps_the_stored_features_of_the_kept_faces_in_their_order(tmp_path: Path) -> None:
+    from plugin_service.evaluation.passes import run_pass
+    from plugin_service.models.extractor import Extractor
+    from plugin_service.protect.baselines import Identity
+
+    torch.manual_seed(0)
+    images = (torch.rand(10, 3, 160, 160) * 255).to(torch.uint8)
+    recognizer = write_recognizer(tmp_path / "r.safetensors", Extractor().eval())
+    extractor = recognizer.extractor
+    keep = torch.tensor([7, 2, 5])
+    out = run_pass(images, torch.randperm(10), extractor, Identity(), {}, {"r": recognizer}, recognizer, 4,
+                   torch.device("cpu"), torch.tensor([0]), keep=keep)
+    with torch.no_grad():
+        expected = extractor(images[keep].float() / 255).to(torch.float16)
+    assert out.features is not None and torch.equal(out.features, expected)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from plugin_service.bundle import sample_faces_path
-from plugin_service.evaluation.identity import Gallery, rank1, same_image_rate
+from plugin_service.evaluation.scoring import Gallery, rank1, same_image_rate
 from plugin_service.faces import load_face_folder
-from plugin_service.judge import EmbeddingCache, JudgeNotInstalled, load_judge
-from plugin_service.judge import dlib_resnet
+from plugin_service.judge import EmbeddingCache, JudgeNotInstalled, dlib_resnet, load_judge
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugin_service.evaluation.tier_summary import COMPOSED, FLOOR, margins, summarize_tiers
+from plugin_service.evaluation.scoring import COMPOSED, FLOOR, margins, summarize_tiers
 
 
 def _row(protector: str, tier: str, attack: str, ssim: float, same: float, rank1: float | None) -> dict:

@@ -2,17 +2,16 @@
 
 Module map (one job each; :mod:`.runner` ties them together for `advface evaluate`):
 
-* :mod:`.config`        EvaluationConfig: every knob, full and ``--quick`` defaults
-* :mod:`.data`          verification faces + pair indices, attack data split into halves
-* :mod:`.disjointness`  refuses attackers that share identities with the bundle's shadow
-* :mod:`.consistency`   refuses a recogniser whose E is not the bundle's
-* :mod:`.cache`         content-hashed safetensors cache of trained networks
-* :mod:`.attackers`     paper-setting attackers (attacker half), transfer shadows (defender half)
-* :mod:`.adaptive`      the attacker that knows the defence and trains on protected features
-* :mod:`.protection`    protectors with an eps knob or another shadow; whole datasets protected
-* :mod:`.pipeline`      one streamed pass: E -> protector -> attackers and heads, per-face numbers
-* :mod:`.metrics`, :mod:`.verification`, :mod:`.privacy`, :mod:`.replay`, :mod:`.utility`  the numbers
-* :mod:`.figures`, :mod:`.report`  PNGs, report.md, results.json
+* :mod:`.config`        EvaluationConfig (every knob, full and ``--quick`` defaults), EvaluationError
+* :mod:`.data`          verification faces, attack halves, and the checks that keep them fair
+* :mod:`.caches`        content-hashed safetensors caches: trained networks, finished passes
+* :mod:`.attackers`     decoders the attacker trains (paper, adaptive, from e); transfer shadows
+* :mod:`.passes`        protectors as evaluated; one streamed pass of a protector over the faces
+* :mod:`.attacks`       training-free A2 inversion and the A3 linkage student
+* :mod:`.scoring`       reconstruction quality, replay, identity by the judge, per-tier summary
+* :mod:`.tiers`         the attacker tiers A0-A3 and the embedding-only floor
+* :mod:`.report`        results.json, report.md, the figures
 * :mod:`.finetune`      `advface finetune-head`, the offline mode
-* :mod:`.cli_args`      the two subcommands, for plugin_service/cli.py
+* :mod:`.shadow_check`  the shadow round trip's accuracy cost, for choosing a shadow's size
+* :mod:`.cli_args`      the subcommands, for plugin_service/cli.py
 """

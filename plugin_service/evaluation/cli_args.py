@@ -13,8 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("urec", "resrec", "transrec")
-PROTECTOR_NAMES = ("none", "random", "dp", "advface", "resynth")  # the registry's, without importing torch
+from plugin_service.names import IDENTITY_HALVES, PROTECTORS, SHADOW_ARCHITECTURES
 
 
 def _names(allowed: tuple[str, ...], empty: str | None = None) -> Callable[[str], tuple[str, ...]]:
@@ -40,15 +39,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _arch_or_none(text: str) -> str:
-    if text not in (*ARCHS, "none"):
-        raise argparse.ArgumentTypeError(f"choose one of {', '.join(ARCHS)} or none")
+    if text not in (*SHADOW_ARCHITECTURES, "none"):
+        raise argparse.ArgumentTypeError(f"choose one of {', '.join(SHADOW_ARCHITECTURES)} or none")
     return text
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from plugin_service.bundle import BundleError
-    from plugin_service.evaluation.config import EvaluationConfig
-    from plugin_service.evaluation.errors import EvaluationError
+    from plugin_service.evaluation.config import EvaluationConfig, EvaluationError
     from plugin_service.evaluation.report import REPORT, RESULTS, fmt
     from plugin_service.evaluation.runner import run_evaluation
     from plugin_service.judge import JudgeNotInstalled
@@ -117,13 +115,13 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    "defender shadows on the defender half (the split train-shadow --half uses)")
     g.add_argument("--out", type=Path, required=True, help="report directory to write")
     g = p.add_argument_group("what to compare")
-    g.add_argument("--protectors", type=_names(PROTECTOR_NAMES), help="comma-separated (default: none,random,dp,advface, and resynth when the bundle carries R; "
+    g.add_argument("--protectors", type=_names(PROTECTORS), help="comma-separated (default: none,random,dp,advface, and resynth when the bundle carries R; "
                    "'none' is always included as the reference)")
-    g.add_argument("--attackers", type=_names(ARCHS),
+    g.add_argument("--attackers", type=_names(SHADOW_ARCHITECTURES),
                    help="paper-setting attacker architectures (default: urec,resrec,transrec)")
     g.add_argument("--adaptive-attacker", type=_arch_or_none,
                    help="architecture of the attacker that knows the defence, or none (default: urec)")
-    g.add_argument("--transfer-shadows", type=_names(ARCHS, empty="none"),
+    g.add_argument("--transfer-shadows", type=_names(SHADOW_ARCHITECTURES, empty="none"),
                    help="shadow architectures of the transferability matrix, or none (default: urec,resrec,transrec)")
     g.add_argument("--eps", type=_floats,
                    help="trade-off sweep of the PGD radius for advface and random (default: 0,0.05,0.1,0.2,0.3)")
@@ -180,7 +178,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 def _cmd_finetune_head(args: argparse.Namespace) -> int:
     from plugin_service.bundle import BundleError, default_recognizer_path
-    from plugin_service.evaluation.errors import EvaluationError
+    from plugin_service.evaluation.config import EvaluationError
     from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
     from plugin_service.judge import JudgeNotInstalled
     from plugin_service.protect.registry import ProtectorParams
@@ -223,7 +221,7 @@ def add_finetune_head_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--batch-size", type=int, default=32, help="faces per protector call and per step (default: 32)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--no-clean-mix", action="store_true", help="train on protected features only")
-    p.add_argument("--half", choices=("all", "defender", "attacker"), default="all",
+    p.add_argument("--half", choices=IDENTITY_HALVES, default="all",
                    help="train on one identity half of --data (default: all)")
     p.add_argument("--limit-per-identity", type=int, help="read at most this many faces per identity")
     p.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,13 @@
-"""Everything one `advface evaluate` run does, as one typed object, with full and ``--quick`` defaults.
+"""Everything one `advface evaluate` run does, as one typed object, and the error bad input raises.
 
 The CLI only collects what the user set; :meth:`EvaluationConfig.create` lays those values over
 either the full-scale defaults (the paper's settings) or the tiny ``--quick`` ones, so a quick
 run still honours every option given explicitly and the report can print the exact settings.
+
+:class:`EvaluationError` is the one exception raised for problems a user can fix; the CLI turns
+it into a one-line message and exit code 2 instead of a traceback, so a refused run (an attacker
+that shares identities with the shadow, a recogniser whose E is not the bundle's) reads as a
+configuration problem rather than a crash.
 """
 
 from __future__ import annotations
@@ -11,9 +16,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from plugin_service.models.shadow import SHADOW_ARCHITECTURES
-from plugin_service.protect.registry import PROTECTORS, ProtectorParams
+from plugin_service.names import PROTECTORS, SHADOW_ARCHITECTURES
+from plugin_service.protect.registry import ProtectorParams
 from plugin_service.runtime import default_cache_dir, judge_cache_dir
+
+
+class EvaluationError(ValueError):
+    """The inputs of an evaluation are inconsistent; the message says which and how to fix it."""
+
 
 # Overrides that make every stage tiny: a smoke run of the whole pipeline in a few minutes on
 # two CPU cores. Attack widths differ from each other so that attacker != shadow even here.
@@ -60,7 +70,7 @@ class EvaluationConfig:
 
     # Empty: every protector the bundle supports (resynth only when it carries R).
     protectors: tuple[str, ...] = ()
-    attackers: tuple[str, ...] = ("urec", "resrec", "transrec")
+    attackers: tuple[str, ...] = SHADOW_ARCHITECTURES
     adaptive_attacker: str | None = "urec"  # None (or "none" in create): no adaptive attacker
     transfer_shadows: tuple[str, ...] = SHADOW_ARCHITECTURES  # empty: no transferability matrix
     eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)  # trade-off sweep for advface and random
@@ -129,8 +139,6 @@ class EvaluationConfig:
 
     def validate(self) -> None:
         """Rejects names and values that would only fail deep inside a long run."""
-        from plugin_service.evaluation.errors import EvaluationError
-
         for name in self.protectors:
             if name not in PROTECTORS:
                 raise EvaluationError(f"unknown protector {name!r}; choose from {', '.join(PROTECTORS)}")

@@ -27,18 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.bundle import load_bundle
-from plugin_service.evaluation.consistency import require_same_extractor
-from plugin_service.evaluation.data import batch_order
-from plugin_service.evaluation.errors import EvaluationError
-from plugin_service.evaluation.protection import make_protector, protect_dataset
-from plugin_service.faces import load_face_folders, split_identities
+from plugin_service.evaluation.config import EvaluationError
+from plugin_service.evaluation.data import batch_order, require_same_extractor
+from plugin_service.evaluation.passes import make_protector, protect_dataset
+from plugin_service.faces import identity_half, load_face_folders
 from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, load_recognizer
 from plugin_service.protect.registry import ProtectorParams
 from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
-HALVES = ("all", "defender", "attacker")
 
 
 @dataclass(frozen=True)
@@ -86,8 +84,6 @@ def _teacher_targets(images: torch.Tensor) -> torch.Tensor:
 
 def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     """Fine-tunes ``cfg.recognizer``'s head on protected features of ``cfg.data`` and writes ``cfg.out``."""
-    if cfg.half not in HALVES:
-        raise ValueError(f"half must be one of {HALVES}, got {cfg.half!r}")
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     bundle = load_bundle(cfg.bundle).to(device)
@@ -96,8 +92,7 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     if cfg.target not in TARGETS:
         raise EvaluationError(f"unknown fine-tuning target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
     faces = load_face_folders(cfg.data, limit_per_identity=cfg.limit_per_identity)
-    if cfg.half != "all":
-        faces = faces.subset(split_identities(faces.identities)[HALVES.index(cfg.half) - 1])
+    faces = faces.subset(identity_half(faces.identities, cfg.half))
     protector = make_protector(cfg.protector, bundle, cfg.params, generator=torch.Generator().manual_seed(cfg.seed))
     log.info("fine-tuning the %s head on %s features of %d faces of %d identities (%s)", model.spec.arch,
              cfg.protector, len(faces), len(faces.identities), device)

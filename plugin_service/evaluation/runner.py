@@ -30,22 +30,24 @@ from torch import nn
 
 from plugin_service import hostmem
 from plugin_service.bundle import Bundle, default_recognizer_path, load_bundle
-from plugin_service.evaluation.adaptive import train_adaptive_attacker
 from plugin_service.evaluation.attackers import (
     TrainedNet,
+    train_adaptive_attacker,
     train_attackers,
     train_transfer_shadows,
 )
-from plugin_service.evaluation.cache import ModelCache
+from plugin_service.evaluation.caches import CachedPass, ModelCache, PassCache, model_digest, tensor_digest
 from plugin_service.evaluation.config import EvaluationConfig
-from plugin_service.evaluation.consistency import require_same_extractor
-from plugin_service.evaluation.data import batch_order, load_attack_data, pick_examples, select_privacy_faces
-from plugin_service.evaluation.disjointness import check_disjoint
-from plugin_service.evaluation.pass_cache import CachedPass, PassCache, model_digest, tensor_digest
-from plugin_service.evaluation.pipeline import PassOutputs, run_pass
-from plugin_service.evaluation.privacy import summarize
-from plugin_service.evaluation.protection import make_protector, with_eps
-from plugin_service.evaluation.replay import replay_attack
+from plugin_service.evaluation.data import (
+    batch_order,
+    check_disjoint,
+    load_attack_data,
+    pick_examples,
+    require_same_extractor,
+    select_privacy_faces,
+)
+from plugin_service.evaluation.passes import PassOutputs, make_protector, run_pass, with_eps
+from plugin_service.evaluation.scoring import replay_attack, summarize
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, embed_images, load_recognizer
 from plugin_service.pairs import EvalFaces, load_eval_faces

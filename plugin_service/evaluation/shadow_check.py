@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from plugin_service.bundle import load_bundle
-from plugin_service.evaluation.protection import make_protector, with_eps
+from plugin_service.evaluation.passes import make_protector, with_eps
 from plugin_service.image_metrics import psnr, ssim
 from plugin_service.models.recognizer import Recognizer
 from plugin_service.models.shadow import count_parameters, flops_per_face

@@ -30,22 +30,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.bundle import Bundle
-from plugin_service.evaluation.attackers import TrainedNet, attacker_recipe, shadow_recipe, train_on_features
-from plugin_service.evaluation.cache import ModelCache
-from plugin_service.evaluation.config import EvaluationConfig
-from plugin_service.evaluation.data import AttackData, batch_order, fingerprint, select_privacy_faces
-from plugin_service.evaluation.embedding_decoder import EmbeddingDecoder
-from plugin_service.evaluation.identity import Gallery, rank1, same_image_rate
-from plugin_service.evaluation.inversion import (
+from plugin_service.evaluation.attackers import (
+    EmbeddingDecoder,
+    TrainedNet,
+    attacker_recipe,
+    shadow_recipe,
+    train_on_features,
+)
+from plugin_service.evaluation.attacks import (
     InversionSettings,
     embedding_objective,
     feature_objective,
     fit_surrogate_extractor,
     invert,
+    predict,
+    train_linkage_student,
 )
-from plugin_service.evaluation.linkage import predict, train_linkage_student
-from plugin_service.evaluation.tier_summary import FLOOR, margins, summarize_tiers
-from plugin_service.evaluation.protection import make_protector, store_dataset
+from plugin_service.evaluation.caches import ModelCache
+from plugin_service.evaluation.config import EvaluationConfig
+from plugin_service.evaluation.data import AttackData, batch_order, fingerprint, select_privacy_faces
+from plugin_service.evaluation.passes import make_protector, store_dataset
+from plugin_service.evaluation.scoring import FLOOR, Gallery, margins, rank1, same_image_rate, summarize_tiers
 from plugin_service.faces import FaceSet, list_images, load_face
 from plugin_service.image_metrics import psnr, ssim
 from plugin_service.judge import DlibFaceRecognizer, EmbeddingCache
@@ -54,8 +59,8 @@ from plugin_service.models.recognizer import Recognizer
 from plugin_service.pairs import EvalFaces
 from plugin_service.protect.base import Protector
 from plugin_service.protect.registry import ProtectorParams
-from plugin_service.runtime import progress
 from plugin_service.reconstruction import ReconstructionTraining, fit_reconstructor, validate_pairs
+from plugin_service.runtime import progress
 
 log = logging.getLogger(__name__)
 StoreFn = Callable[[torch.Tensor], torch.Tensor]  # images in [0, 1] (N, 3, 160, 160) -> stored values

@@ -25,12 +25,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plugin_service.models.extractor import DEFAULT_SPLIT, STEM_LAYERS, Extractor, layers_until
+from plugin_service.names import RECOGNIZER_ARCHITECTURES
 from plugin_service.runtime import progress
 
 # Unit embeddings are scaled before an identity classifier (training it, or fine-tuning an attacker
 # through it) so that softmax can become confident.
 EMBEDDING_SCALE = 16.0
-ARCHITECTURES = ("light", "facenet")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class RecognizerSpec:
     width: int = 64  # light head only: channels of its first block
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown recogniser architecture {self.arch!r}; choose one of {ARCHITECTURES}")
+        if self.arch not in RECOGNIZER_ARCHITECTURES:
+            raise ValueError(f"unknown recogniser architecture {self.arch!r}; choose one of {RECOGNIZER_ARCHITECTURES}")
         layers_until(self.split)
 
 

@@ -25,8 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from plugin_service.models.extractor import FACE_SIZE
-
-SHADOW_ARCHITECTURES = ("urec", "resrec", "transrec")
+from plugin_service.names import SHADOW_ARCHITECTURES
 
 _BATCH_STATS: contextvars.ContextVar[bool] = contextvars.ContextVar("advface_batch_stats", default=False)
 

@@ -9,7 +9,8 @@ from plugin_service.protect.base import Protector
 from plugin_service.protect.baselines import Identity, LaplaceDP, RandomNoise
 from plugin_service.protect.pgd import AdvFace
 from plugin_service.protect.resynth import Resynth
-from plugin_service.protector_params import PROTECTORS, ProtectorParams
+from plugin_service.names import PROTECTORS
+from plugin_service.protector_params import ProtectorParams
 
 
 def build_protector(name: str, bundle: Bundle, params: ProtectorParams = ProtectorParams(),

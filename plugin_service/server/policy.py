@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from plugin_service.protector_params import PROTECTORS, ProtectorParams
+from plugin_service.names import PROTECTORS
+from plugin_service.protector_params import ProtectorParams
 from advface.codec import BatchError, Options, shown_id
 
 

@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugin_service.checkpoint import Checkpointer
 from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, RecognizerSpec
+from plugin_service.names import TEACHERS
 from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
-from plugin_service.checkpoint import Checkpointer
 from plugin_service.training.recognizer import pairs_report
 
 log = logging.getLogger(__name__)
-TEACHERS = ("dlib",)
 Teacher = Callable[[torch.Tensor], torch.Tensor]  # uint8 faces (N, 3, 160, 160) -> (N, D)
 
 

@@ -9,20 +9,19 @@ from pathlib import Path
 import torch
 
 from plugin_service.bundle import Manifest, PGDDefaults, save_bundle
-from plugin_service.faces import load_face_folders, split_identities
+from plugin_service.checkpoint import Checkpointer
+from plugin_service.faces import identity_half, load_face_folders
 from plugin_service.models.extractor import DEFAULT_SPLIT, Extractor, freeze
 from plugin_service.models.recognizer import load_recognizer
 from plugin_service.models.shadow import ShadowSpec
-from plugin_service.runtime import pick_device
-from plugin_service.training.bundle_recognizer import add_recognizer
-from plugin_service.checkpoint import Checkpointer
 from plugin_service.reconstruction import (
     ReconstructionTraining,
     train_reconstructor,
 )
+from plugin_service.runtime import pick_device
+from plugin_service.training.bundle_recognizer import add_recognizer
 
 log = logging.getLogger(__name__)
-HALVES = ("all", "defender", "attacker")
 
 
 @dataclass(frozen=True)
@@ -54,12 +53,10 @@ def load_extractor(weights: Path, split: str = DEFAULT_SPLIT) -> Extractor:
 
 def train_shadow(cfg: ShadowTraining) -> str:
     """Trains S on ``cfg.data`` and writes the bundle; returns its content hash."""
-    if cfg.half not in HALVES:
-        raise ValueError(f"--half must be one of {HALVES}, got {cfg.half!r}")
     device = pick_device(cfg.device)
     extractor = load_extractor(cfg.extractor, cfg.split).to(device)
     faces = load_face_folders(cfg.data)
-    names = faces.identities if cfg.half == "all" else split_identities(faces.identities)[HALVES.index(cfg.half) - 1]
+    names = identity_half(faces.identities, cfg.half)
     faces = faces.subset(names)
     # Hold out every 20th face for per-epoch validation.
     val_mask = torch.arange(len(faces)) % 20 == 0
