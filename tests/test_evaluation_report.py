@@ -189,3 +189,32 @@ def test_a_pass_keeps_the_stored_features_of_the_kept_faces_in_their_order(tmp_p
     with torch.no_grad():
         expected = extractor(images[keep].float() / 255).to(torch.float16)
     assert out.features is not None and torch.equal(out.features, expected)
+
+
+def _keys_match(value: dict, schema: type, where: str) -> None:
+    keys = set(value)
+    assert schema.__required_keys__ <= keys, f"{where}: missing {schema.__required_keys__ - keys}"  # type: ignore[attr-defined]
+    assert keys <= schema.__required_keys__ | schema.__optional_keys__, \
+        f"{where}: undeclared {keys - schema.__required_keys__ - schema.__optional_keys__}"  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_results_json_has_exactly_the_declared_format(run: tuple[EvaluationConfig, dict]) -> None:
+    from plugin_service.evaluation import results as fmt_
+
+    cfg, _ = run
+    on_disk = json.loads((cfg.out / RESULTS).read_text())
+    _keys_match(on_disk, fmt_.Results, "results")
+    for name, schema in (("meta", fmt_.Meta), ("bundle", fmt_.BundleInfo), ("data", fmt_.DataInfo),
+                         ("tiers", fmt_.Tiers)):
+        _keys_match(on_disk[name], schema, name)
+    for name, record in on_disk["main"].items():
+        _keys_match(record, fmt_.PassRecord, f"main.{name}")
+        for attacker, privacy in record["privacy"].items():
+            _keys_match(privacy, fmt_.Privacy, f"main.{name}.privacy.{attacker}")
+        for head, verification in record["utility"].items():
+            _keys_match(verification, fmt_.Verification, f"main.{name}.utility.{head}")
+    for point in on_disk["tradeoff"]:
+        _keys_match(point, fmt_.SweepPoint, "tradeoff")
+    for row in on_disk["tiers"]["rows"]:
+        _keys_match(row, fmt_.TierRow, "tiers.rows")

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from plugin_service.evaluation.results import Results
+
 RESULTS = "results.json"
 REPORT = "report.md"
 FIGURES = {"reconstructions": "reconstructions.png", "tradeoff": "tradeoff.png", "transfer": "transfer.png"}
@@ -253,7 +255,7 @@ def _tier_summary(t: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_report(r: dict[str, Any]) -> str:
+def render_report(r: Results) -> str:
     """report.md's text from a results dict (as written to results.json)."""
     figs = r.get("figures", {})
     lines = ["# AdvFace Guard: privacy and utility evaluation", "",
@@ -269,7 +271,7 @@ def render_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict[str, Any], examples: dict[str, Any], out: Path) -> dict[str, str]:
+def write_outputs(results: Results, examples: dict[str, Any], out: Path) -> dict[str, str]:
     """Draws the figures, then writes results.json and report.md into ``out``; returns the figure files."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import platform
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from plugin_service.evaluation.data import (
     select_privacy_faces,
 )
 from plugin_service.evaluation.passes import PassOutputs, make_protector, run_pass, with_eps
+from plugin_service.evaluation.results import PassRecord, Results, SweepPoint, Tiers
 from plugin_service.evaluation.scoring import replay_attack, summarize
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, embed_images, load_recognizer
@@ -79,7 +80,7 @@ class PassRunner:
         self.order = batch_order(len(faces), cfg.seed)
         self.examples = pick_examples(faces.names, cfg.examples)
         self.stored: dict[str, torch.Tensor] = {}  # protector -> stored features of the keep faces, in keep's order
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, PassRecord] = {}
         self.example_images: dict[str, dict[str, torch.Tensor]] = {}
         self._inputs = {  # everything a pass depends on besides the protector (see pass_cache.py)
             "bundle": bundle.content_hash, "faces": tensor_digest(faces.images),
@@ -94,7 +95,7 @@ class PassRunner:
         }
 
     def run(self, name: str, params: ProtectorParams, shadow: nn.Module | None = None,
-            shadow_label: str = "bundle") -> dict[str, Any]:
+            shadow_label: str = "bundle") -> PassRecord:
         protector = make_protector(name, self.bundle, params, shadow=shadow,
                                    generator=torch.Generator().manual_seed(self.cfg.seed),
                                    channels_last=self.cfg.channels_last)
@@ -115,27 +116,28 @@ class PassRunner:
                            self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name,
                            keep=self.keep if wants_features else None)
             log.info("pass %s took %.1f s", label, out.seconds)
-            record = self._summarise(name, protector.params(), shadow_label if name == "advface" else None, out)
-            done = CachedPass(record, {a: o.examples for a, o in out.attacks.items()}, out.features)
+            summary = self._summarise(key, name, protector.params(), shadow_label if name == "advface" else None, out)
+            done = CachedPass(dict(summary), {a: o.examples for a, o in out.attacks.items()}, out.features)
             if disk_key is not None:
                 self.pass_cache.save(disk_key, done)
         if done.features is not None:
             self.stored[name] = done.features
-        record = dict(done.record, key=key)
+        record = cast(PassRecord, {**done.record, "key": key})
         self.records[key] = record
         self.example_images[key] = done.examples
         return record
 
-    def _summarise(self, name: str, params: dict[str, Any], shadow_label: str | None, out: PassOutputs) -> dict[str, Any]:
+    def _summarise(self, key: str, name: str, params: dict[str, Any], shadow_label: str | None,
+                   out: PassOutputs) -> PassRecord:
         privacy = {}
         for attacker, result in out.attacks.items():
             replay = replay_attack(result.embeddings, self.clean[PRIMARY], self.faces.names, self.threshold)
             privacy[attacker] = summarize(result, replay).to_json()
         utility = {head: verification_summary(verify(out.feature_embeddings[head], self.clean[head], self.faces.pairs))
                    for head in self.heads}
-        record: dict[str, Any] = {
+        record: PassRecord = {
             "protector": name, "params": params, "shadow": shadow_label, "privacy": privacy, "utility": utility,
-            "perturbation_norm": float(out.perturbation_norm.mean()), "seconds": out.seconds,
+            "perturbation_norm": float(out.perturbation_norm.mean()), "seconds": out.seconds, "key": key,
         }
         if out.shadow_loss_before is not None and out.shadow_loss_after is not None:
             record["shadow_loss_before"] = float(out.shadow_loss_before.mean())
@@ -156,7 +158,7 @@ def _load_heads(cfg: EvaluationConfig, bundle: Bundle, device: torch.device) -> 
     return heads, info
 
 
-def _sweep_point(record: dict[str, Any], knob: str, value: float, paper_attackers: list[str]) -> dict[str, Any]:
+def _sweep_point(record: PassRecord, knob: str, value: float, paper_attackers: list[str]) -> SweepPoint:
     """One trade-off point: accuracy and the strongest paper-setting attacker's privacy numbers."""
     worst = max(paper_attackers, key=lambda a: record["privacy"][a]["psnr"])
     return {
@@ -168,7 +170,7 @@ def _sweep_point(record: dict[str, Any], knob: str, value: float, paper_attacker
     }
 
 
-def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
+def run_evaluation(cfg: EvaluationConfig) -> Results:
     """Runs the whole evaluation and writes the report; returns the results.json dict."""
     from plugin_service.evaluation.report import write_outputs
 
@@ -236,7 +238,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
             "accuracy": [r["utility"][PRIMARY]["accuracy"] for r in rows],
         }
 
-    tiers: dict[str, Any] = {}
+    tiers: Tiers = {}
     tier_examples = None
     if judge is not None:
         from plugin_service.evaluation.tiers import run_tiers
@@ -246,7 +248,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
                                          protectors, threshold, judge, ModelCache(cfg.resolved_cache_dir()),
                                          judge_cache, device, passes.stored)
 
-    results: dict[str, Any] = {
+    results: Results = {
         "meta": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
                  "torch": torch.__version__, "python": platform.python_version(),
                  "seconds": time.perf_counter() - started},

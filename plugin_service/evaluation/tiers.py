@@ -50,6 +50,7 @@ from plugin_service.evaluation.caches import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.data import AttackData, batch_order, fingerprint, select_privacy_faces
 from plugin_service.evaluation.passes import make_protector, store_dataset
+from plugin_service.evaluation.results import Tiers
 from plugin_service.evaluation.scoring import FLOOR, Gallery, margins, rank1, same_image_rate, summarize_tiers
 from plugin_service.faces import FaceSet, list_images, load_face
 from plugin_service.image_metrics import psnr, ssim
@@ -254,7 +255,7 @@ def add_summary(results: dict[str, Any]) -> None:
 def run_tiers(cfg: EvaluationConfig, bundle: Bundle, recognizer: Recognizer, faces: EvalFaces, attack: AttackData,
               a0: TrainedNet, protectors: list[str], threshold: float, judge: DlibFaceRecognizer, cache: ModelCache,
               judge_cache: EmbeddingCache, device: torch.device,
-              stored: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+              stored: dict[str, torch.Tensor] | None = None) -> tuple[Tiers, dict[str, Any]]:
     """(results['tiers'], example reconstructions per protector and attack) for every protector and the floor.
 
     ``stored`` holds the main table's stored features of the privacy faces (``select_privacy_faces``,
