@@ -9,13 +9,11 @@ reference's results. `advface serve` and `advface bench` build the same flags fr
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+from plugin_service import settings_cli
+from plugin_service.config import ENV_PREFIX
+from plugin_service.settings_cli import option
 
 
 @dataclass(frozen=True)
@@ -26,16 +24,16 @@ class EngineSettings:
     first batch, which suits a deployment whose clients send a few fixed batch sizes, not every one.
     """
 
-    compile: bool = _opt(False, "torch.compile the PGD step (one compilation, of tens of seconds, per batch size; "
+    compile: bool = option(False, "torch.compile the PGD step (one compilation, of tens of seconds, per batch size; "
                          "eager if it fails)")
-    channels_last: bool = _opt(False, "run the shadow model on channels-last tensors")
-    reuse_host_memory: bool = _opt(True, "keep freed host memory in the allocator, so large activations are not "
+    channels_last: bool = option(False, "run the shadow model on channels-last tensors")
+    reuse_host_memory: bool = option(True, "keep freed host memory in the allocator, so large activations are not "
                                    "mapped and zeroed again at every PGD step (glibc only)")
-    early_stop: bool = _opt(False, "stop a face once its state repeats or its shadow loss stops rising; changes "
+    early_stop: bool = option(False, "stop a face once its state repeats or its shadow loss stops rising; changes "
                             "results (within the README's stated privacy-gain tolerance)")
-    patience: int = _opt(4, "early stop: steps without a rise of the shadow loss by --min-gain before a face stops")
-    min_gain: float = _opt(0.01, "early stop: relative rise of a face's shadow loss that counts as progress")
-    check_every: int = _opt(4, "early stop: steps between the host's checks that every face stopped (results do "
+    patience: int = option(4, "early stop: steps without a rise of the shadow loss by --min-gain before a face stops")
+    min_gain: float = option(0.01, "early stop: relative rise of a face's shadow loss that counts as progress")
+    check_every: int = option(4, "early stop: steps between the host's checks that every face stopped (results do "
                             "not depend on it)")
 
     @classmethod
@@ -55,28 +53,10 @@ class EngineSettings:
         return self
 
 
-def _env_value(name: str, kind: type, default: Any) -> Any:
-    raw = os.environ.get(f"ADVFACE_{name.upper()}")
-    if raw is None:
-        return default
-    if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (``--no-X`` for booleans); the default is ``ADVFACE_<FIELD>`` if set, else the field's."""
-    group = parser.add_argument_group("engine speed-ups")
-    for f in fields(EngineSettings):
-        kind = {"bool": bool, "int": int, "float": float}[str(f.type)]
-        default = _env_value(f.name, kind, f.default)
-        flag = f"--{f.name.replace('_', '-')}"
-        help_text = f"{f.metadata['help']} [env ADVFACE_{f.name.upper()}; default: %(default)s]"
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=default, help=help_text)
+    settings_cli.add_arguments(parser, EngineSettings, env_prefix=ENV_PREFIX, group="engine speed-ups")
 
 
 def engine_settings_from_args(args: argparse.Namespace) -> EngineSettings:
-    return EngineSettings(**{f.name: getattr(args, f.name) for f in fields(EngineSettings)}).validate()
+    return settings_cli.from_args(args, EngineSettings).validate()
