@@ -16,7 +16,10 @@ from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
     add_finetune_head_parser,
 )
-from plugin_service.names import IDENTITY_HALVES, RECOGNIZER_ARCHITECTURES, SHADOW_ARCHITECTURES, TEACHERS
+from plugin_service.names import SHADOW_ARCHITECTURES
+from plugin_service.settings_cli import add_arguments, flag_fields, from_args
+from plugin_service.training.recognizer_settings import DistillTraining, RecognizerTraining
+from plugin_service.training.shadow_settings import ShadowTraining
 
 # Third-party modules the base install (the client) lacks -> the extra that brings them.
 EXTRA_OF_MODULE = {"torch": "serve", "torchvision": "serve", "facenet_pytorch": "serve", "safetensors": "serve",
@@ -27,28 +30,16 @@ _COMMANDS: dict[str, Command] = {}
 
 
 def _cmd_train_recognizer(args: argparse.Namespace) -> int:
-    from plugin_service.models.recognizer import RecognizerSpec
-
-    spec = RecognizerSpec(arch=args.arch, split=args.split, embedding_dim=args.embedding_dim, width=args.width)
     if args.teacher:
-        from plugin_service.training.distill import DistillTraining, distill_recognizer
+        from plugin_service.training.distill import distill_recognizer
 
-        report = tuple(zip(args.report_pairs, args.report_roots or [p.parent for p in args.report_pairs]))
-        if args.pairs is not None:
-            report = ((args.pairs, args.pairs_root or args.pairs.parent), *report)
-        distill_recognizer(DistillTraining(
-            data=tuple(args.data), out=args.out, teacher=args.teacher, spec=spec, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, ce_weight=args.ce_weight, seed=args.seed, device=args.device,
-            cache_dir=args.cache_dir, limit_per_identity=args.limit_per_identity,
-            monitor=(args.pairs, args.pairs_root or args.pairs.parent) if args.pairs else None, report=report))
+        distill_recognizer(from_args(args, DistillTraining))
     else:
-        from plugin_service.training.recognizer import RecognizerTraining, train_recognizer
+        from plugin_service.training.recognizer import train_recognizer
 
         if len(args.data) != 1:
             raise SystemExit("advface train-recognizer: several --data folders need --teacher (labels are per folder)")
-        train_recognizer(RecognizerTraining(
-            data=args.data[0], out=args.out, spec=spec, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            seed=args.seed, device=args.device, pairs=args.pairs, pairs_root=args.pairs_root))
+        train_recognizer(from_args(args, RecognizerTraining))
     print(f"wrote {args.out}")
     return 0
 
@@ -59,42 +50,18 @@ def _add_train_recognizer(sub: argparse._SubParsersAction) -> None:
                        "distil: R(E(x)) learns the teacher's embedding of x (cosine loss, AdamW, warm-up + cosine "
                        "schedule, flip/scale/shift/rotation/colour augmentation; teacher embeddings cached on disk). "
                        "Without it, classify identities (cross-entropy, Adam, x0.94 per epoch). Resumes from OUT.ckpt.")
-    p.add_argument("--data", type=Path, required=True, nargs="+",
-                   help="LFW-layout folder(s): NAME/NAME_NNNN.jpg, one folder per identity; never the evaluation sets")
-    p.add_argument("--out", type=Path, required=True, help="output weights (.safetensors)")
-    p.add_argument("--teacher", choices=TEACHERS, help="distil from this pretrained recogniser (pip install "
-                   "'advface-guard[eval]'); labels are then optional")
-    p.add_argument("--arch", choices=RECOGNIZER_ARCHITECTURES, default="light",
-                   help="light: E + small conv head (trainable on CPU); facenet: full InceptionResnetV1")
-    p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
-    p.add_argument("--width", type=int, default=32, help="light head: channels of the first block (default: %(default)s)")
-    p.add_argument("--embedding-dim", type=int, default=128, help="light head: embedding size (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ce-weight", type=float, default=0.0, help="distillation: weight of an identity cross-entropy term")
-    p.add_argument("--limit-per-identity", type=int, help="distillation: at most this many faces per identity")
-    p.add_argument("--cache-dir", type=Path,
-                   help="distillation: teacher embedding cache, keyed by pixels (default: ~/.cache/advface/judge)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--pairs", type=Path, help="LFW pairs.txt to report verification accuracy on (every epoch when distilling)")
-    p.add_argument("--pairs-root", type=Path, help="folder the pairs' names refer to (default: next to --pairs)")
-    p.add_argument("--report-pairs", type=Path, nargs="*", default=[],
-                   help="distillation: more pairs files scored once at the end (e.g. LFW's pairs.txt)")
-    p.add_argument("--report-roots", type=Path, nargs="*", help="folders of --report-pairs (default: next to each)")
+    add_arguments(p, RecognizerTraining)
+    # Distillation's own flags; --teacher is unset unless given, since giving it is what chooses distillation.
+    add_arguments(p, DistillTraining, skip={f.name for f in flag_fields(RecognizerTraining)}, unset=("teacher",))
     p.set_defaults(func=_cmd_train_recognizer)
 
 
 def _cmd_train_shadow(args: argparse.Namespace) -> int:
-    from plugin_service.models.shadow import ShadowSpec
-    from plugin_service.training.shadow import ShadowTraining, train_shadow
+    from plugin_service.training.shadow import train_shadow
 
-    content_hash = train_shadow(ShadowTraining(
-        data=tuple(args.data), extractor=args.extractor, with_recognizer=args.with_recognizer, out=args.out, spec=ShadowSpec(args.arch, args.width, args.depth),
-        half=args.half, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, split=args.split, command=shlex.join(["advface", *args.argv])))
-    print(f"wrote bundle {args.out} (version {content_hash[:12]})")
+    cfg = from_args(args, ShadowTraining, command=shlex.join(["advface", *args.argv]))
+    content_hash = train_shadow(cfg)
+    print(f"wrote bundle {cfg.out} (version {content_hash[:12]})")
     return 0
 
 
@@ -102,24 +69,7 @@ def _add_train_shadow(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-shadow", help="train a shadow model S and write a model bundle",
                        description="Train S with L1 loss |x - S(E(x))| (Adam) on a face folder and write a bundle "
                        "(E + S as safetensors, manifest, content hash). Resumes from OUT.ckpt if present.")
-    p.add_argument("--data", type=Path, required=True, nargs="+", help="LFW-layout face folder(s) (public faces)")
-    p.add_argument("--with-recognizer", action="store_true",
-                   help="also put R from --extractor (a recogniser .safetensors) into the bundle, for resynth")
-    p.add_argument("--extractor", type=Path, required=True,
-                   help="weights for E: a recogniser .safetensors made by train-recognizer, or a FaceNet state dict "
-                   "(e.g. 20180402-114759-vggface2.pt, read with weights_only=True)")
-    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--arch", choices=SHADOW_ARCHITECTURES, default="resrec", help="shadow architecture (default: resrec)")
-    p.add_argument("--width", type=int, default=16, help="channels of the network's main stage")
-    p.add_argument("--depth", type=int, default=2, help="residual blocks (resrec), levels (urec), extra layers (transrec)")
-    p.add_argument("--half", choices=IDENTITY_HALVES, default="all",
-                   help="train on one identity half of --data, so attackers can train on the other (default: all)")
-    p.add_argument("--split", default="conv2d_2b", help="last layer of E (default: the paper's conv2d_2b)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_arguments(p, ShadowTraining)
     p.set_defaults(func=_cmd_train_shadow)
 
 

@@ -11,7 +11,7 @@ import torch
 from plugin_service.bundle import sample_faces_path
 from plugin_service.faces import load_face_folders
 from plugin_service.judge import JudgeNotInstalled, dlib_resnet
-from plugin_service.models.recognizer import RecognizerSpec, embed_images, load_recognizer
+from plugin_service.models.recognizer import embed_images, load_recognizer
 from plugin_service.training.distill import DistillTraining, build_teacher, distill_recognizer
 
 PROJECTION = torch.randn(3 * 20 * 20, 16, generator=torch.Generator().manual_seed(0))
@@ -33,7 +33,7 @@ def _distance(model: torch.nn.Module, faces: torch.Tensor) -> float:
 @pytest.mark.slow  # trains a student
 def test_distillation_lowers_student_teacher_distance_and_resumes(tmp_path: Path) -> None:
     cfg = DistillTraining(data=(sample_faces_path(),), out=tmp_path / "s.safetensors",
-                          spec=RecognizerSpec(width=8, embedding_dim=16), epochs=6, batch_size=8, lr=1e-2,
+                          width=8, embedding_dim=16, epochs=6, batch_size=8, lr=1e-2,
                           warmup_steps=1, cache_dir=tmp_path / "cache", device="cpu")
     faces = load_face_folders(cfg.data).images
     torch.manual_seed(0)

@@ -17,8 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -27,35 +26,14 @@ from torch import nn
 from plugin_service.checkpoint import Checkpointer
 from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
-from plugin_service.models.recognizer import Recognizer, RecognizerSpec
+from plugin_service.models.recognizer import Recognizer
 from plugin_service.names import TEACHERS
 from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
 from plugin_service.training.recognizer import pairs_report
+from plugin_service.training.recognizer_settings import DistillTraining
 
 log = logging.getLogger(__name__)
 Teacher = Callable[[torch.Tensor], torch.Tensor]  # uint8 faces (N, 3, 160, 160) -> (N, D)
-
-
-@dataclass(frozen=True)
-class DistillTraining:
-    """One distillation run; ``advface train-recognizer --help`` documents each field."""
-
-    data: tuple[Path, ...]
-    out: Path
-    teacher: str = "dlib"
-    spec: RecognizerSpec = RecognizerSpec(width=64, embedding_dim=128)
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 200
-    ce_weight: float = 0.0  # > 0 adds identity cross-entropy over the folders' labels
-    seed: int = 0
-    device: str = "auto"
-    cache_dir: Path | None = None  # None: runtime.judge_cache_dir(), shared with evaluation
-    limit_per_identity: int | None = None
-    monitor: tuple[Path, Path] | None = None  # (pairs file, root): accuracy logged after every epoch
-    report: tuple[tuple[Path, Path], ...] = field(default_factory=tuple)  # (pairs, root) scored at the end
 
 
 def build_teacher(name: str) -> tuple[str, Teacher]:

@@ -8,38 +8,21 @@ unit embedding, Adam with the paper's per-epoch decay (x0.94), flips and small s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.faces import FaceSet, load_face_folder
-from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, RecognizerSpec, embed_images
+from plugin_service.checkpoint import Checkpointer
+from plugin_service.faces import FaceSet, load_face_folders
+from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, embed_images
 from plugin_service.pairs import load_eval_faces
 from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
-from plugin_service.checkpoint import Checkpointer
+from plugin_service.training.recognizer_settings import RecognizerTraining
 from plugin_service.verification import verify
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RecognizerTraining:
-    data: Path
-    out: Path
-    spec: RecognizerSpec = RecognizerSpec()
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_decay: float = 0.94
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    pairs: Path | None = None  # LFW pairs.txt over pairs_root, reported after training
-    pairs_root: Path | None = None
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -65,7 +48,7 @@ def pairs_report(model: Recognizer, pairs: Path, root: Path, device: torch.devic
 def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    faces: FaceSet = load_face_folder(cfg.data)
+    faces: FaceSet = load_face_folders(cfg.data)
     log.info("training %s recogniser on %d faces of %d identities (%s)", cfg.spec.arch, len(faces), len(faces.identities), device)
     model = Recognizer(cfg.spec).to(device)
     classifier = nn.Linear(model.embedding_dim, len(faces.identities)).to(device)
@@ -95,7 +78,7 @@ def train_recognizer(cfg: RecognizerTraining) -> Recognizer:
         ckpt.save(epoch, generator, model=model, classifier=classifier, optimizer=optimizer, scheduler=scheduler)
         log.info("epoch %d/%d: loss %.3f, train accuracy %.3f", epoch + 1, cfg.epochs, loss_sum / total, correct / total)
     model.eval()
-    extra = {"data": str(cfg.data), "epochs": str(cfg.epochs), "seed": str(cfg.seed)}
+    extra = {"data": ",".join(str(d) for d in cfg.data), "epochs": str(cfg.epochs), "seed": str(cfg.seed)}
     if cfg.pairs is not None:
         acc = pairs_report(model, cfg.pairs, cfg.pairs_root or cfg.pairs.parent, device)["accuracy"]
         extra["verification_accuracy"] = f"{acc:.4f}"

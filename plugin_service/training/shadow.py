@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,25 +19,9 @@ from plugin_service.reconstruction import (
 )
 from plugin_service.runtime import pick_device
 from plugin_service.training.bundle_recognizer import add_recognizer
+from plugin_service.training.shadow_settings import ShadowTraining
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShadowTraining:
-    data: tuple[Path, ...]
-    extractor: Path  # recogniser safetensors or a FaceNet state dict
-    out: Path
-    spec: ShadowSpec = ShadowSpec()
-    half: str = "all"  # which identity half of --data to train on (evaluation needs 'defender')
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    seed: int = 0
-    device: str = "auto"
-    split: str = DEFAULT_SPLIT
-    command: str = ""  # the command line that made the bundle, recorded in its manifest
-    with_recognizer: bool = False  # also put R (from ``extractor``) into the bundle, for resynth
 
 
 def load_extractor(weights: Path, split: str = DEFAULT_SPLIT) -> Extractor:
@@ -61,7 +44,7 @@ def train_shadow(cfg: ShadowTraining) -> str:
     # Hold out every 20th face for per-epoch validation.
     val_mask = torch.arange(len(faces)) % 20 == 0
     train, val = faces.take((~val_mask).nonzero().flatten()), faces.images[val_mask]
-    spec = ShadowSpec(cfg.spec.arch, cfg.spec.width, cfg.spec.depth, *extractor.feature_shape()[:2])
+    spec = ShadowSpec(cfg.arch, cfg.width, cfg.depth, *extractor.feature_shape()[:2])
     log.info("training %s shadow (width %d, depth %d) on %d faces of %d identities (%s half), E from %s",
              spec.arch, spec.width, spec.depth, len(train), len(names), cfg.half, cfg.extractor)
     shadow, scores = train_reconstructor(
