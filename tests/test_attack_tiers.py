@@ -62,3 +62,22 @@ def test_linkage_student_links_stored_values_to_identities() -> None:
     gallery = Gallery(identity, [f"p{i}" for i in range(people)])
     hits = rank1(predict(student, stored[held_out], CPU), [names[i] for i in held_out], gallery, metric="cosine")
     assert hits >= 0.75 > gallery.chance * 3
+
+
+def test_linkage_student_reads_the_stored_value_through_a_frozen_backbone() -> None:
+    torch.manual_seed(1)
+    people, shots = 12, 6
+    identity = torch.nn.functional.normalize(torch.randn(people, 16), dim=1)
+    judge = identity.repeat_interleave(shots, 0) + 0.05 * torch.randn(people * shots, 16)
+    stored = (judge @ torch.randn(16, 48)).reshape(-1, 3, 4, 4)  # a feature map that carries the identity
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 24))
+    before = [p.clone() for p in backbone.parameters()]
+    names = [f"p{i}" for i in range(people) for _ in range(shots)]
+    train = torch.arange(len(names)) % shots != 0
+    student = train_linkage_student(stored[train], judge[train], epochs=30, device=CPU, batch_size=8,
+                                    backbone=backbone)
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters()))  # R is the attacker's, frozen
+    held_out = (~train).nonzero().flatten()
+    gallery = Gallery(identity, [f"p{i}" for i in range(people)])
+    hits = rank1(predict(student, stored[held_out], CPU), [names[i] for i in held_out], gallery, metric="cosine")
+    assert hits >= 0.75 > gallery.chance * 3

@@ -14,6 +14,10 @@ Transform-based defences can hide the face and still give the identity away: an 
 public faces, the defence's code and the judge trains a network from (protected feature of a
 face) to (judge embedding of that face), then links every stolen record to a gallery by nearest
 neighbour (FaceLinkGen, 2026). Against the embedding-only control the student reads e = R(z).
+Against stored feature maps it reads R(stored value): the attacker holds R (it ships with the
+backend it stole from), and a student that must learn from raw 64x77x77 maps with a few hundred
+public faces links nothing, not even unprotected features (0 % rank-1 in the 400-pair report),
+which would flatter every protector.
 """
 
 from __future__ import annotations
@@ -137,9 +141,17 @@ def build_student(stored_shape: tuple[int, ...], d_out: int, width: int = 32) ->
 
 
 def train_linkage_student(stored: torch.Tensor, judge_embeddings: torch.Tensor, epochs: int, device: torch.device,
-                          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, desc: str = "linkage") -> nn.Module:
-    """Fits a student from stored values (N, ...) to unit judge embeddings (N, D) by cosine loss."""
+                          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, desc: str = "linkage",
+                          backbone: nn.Module | None = None) -> nn.Module:
+    """Fits a student from stored values (N, ...) to unit judge embeddings (N, D) by cosine loss.
+
+    With a frozen ``backbone`` (the attacker's copy of R) the student is backbone -> MLP and only
+    the MLP learns, on the backbone's outputs computed once.
+    """
     generator = seed_everything(seed)
+    if backbone is not None:
+        backbone = backbone.to(device).eval()
+        stored = predict(backbone, stored, device)
     student = build_student(tuple(stored.shape[1:]), judge_embeddings.shape[1]).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
     target = F.normalize(judge_embeddings.float(), dim=1)
@@ -155,11 +167,11 @@ def train_linkage_student(stored: torch.Tensor, judge_embeddings: torch.Tensor, 
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     student.eval()
-    return student
+    return student if backbone is None else nn.Sequential(backbone, student).eval()
 
 
 @torch.no_grad()
 def predict(student: nn.Module, stored: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """(N, D) predicted judge-space embeddings (unit vectors)."""
+    """(N, D) ``student``'s outputs (judge-space unit vectors for a linkage student), in batches."""
     return torch.cat([student(stored[i : i + batch_size].float().to(device)).cpu()
                       for i in range(0, len(stored), batch_size)])

@@ -5,7 +5,7 @@
 | A0 | public faces, E | decoder trained on clean features |
 | A1 | + the protector's code, own shadow, R | decoder trained on protected features; A0 fine-tuned on them |
 | A2 | E's weights (or queries) | optimise an image until E(image) matches the stored feature: white-box E, a surrogate E fitted from queries, and starting from A0's output |
-| A3 | + an independent recogniser | each reconstruction judged by it; a linkage student from stored value to its embedding |
+| A3 | + an independent recogniser | each reconstruction judged by it; a linkage student from R(stored value) to its embedding |
 | floor | e = R(z) only | the same decoder, inversion and linkage on e |
 
 Every attacker trains on the ATTACKER half of ``--attack-data``, disjoint in identity from the
@@ -199,7 +199,7 @@ class TierRunner:
                    invert(white, targets, settings, c.device, init=a0_recon[:k], desc=f"{protector} A2 from A0"),
                    slice(0, k))
         student = train_linkage_student(own, c.attacker_judge, cfg.tier_epochs, c.device, seed=cfg.seed,
-                                        desc=f"{protector} linkage")
+                                        desc=f"{protector} linkage", backbone=None if floor else c.recognizer.head)
         self.linkage[protector] = rank1(predict(student, stored, c.device), c.names, c.gallery, metric="cosine")
         log.info("%s A3 linkage rank-1 %.3f (chance %.4f); tiers took %.0f s", protector, self.linkage[protector],
                  c.gallery.chance, time.perf_counter() - started)
