@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -106,18 +106,19 @@ def _env_default(raw: str, kind: _Kind) -> Any:
     return raw.strip().lower() in ("1", "true", "yes", "on") if kind.scalar == "bool" else raw
 
 
-def add_arguments(parser: argparse._ActionsContainer, cls: type, *, env_prefix: str | None = None,
-                  group: str | None = None, unset: bool | Collection[str] = False,
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, env_prefix: str | None = None,
+                  group: str | None = None, sections: Sequence[str] = (), unset: bool | Collection[str] = False,
                   skip: Collection[str] = ()) -> None:
     """One flag per :func:`flag_fields` field of ``cls``, in field order.
 
     ``env_prefix`` ("ADVFACE_"): ``<prefix><FIELD>`` overrides each default. ``group`` titles the
     fields without a group of their own. ``unset`` (True, or field names): those flags are None
     unless given, for settings laid over other defaults later (``EvaluationConfig.create``) or a
-    flag whose presence chooses the job; --help still shows the field's default. ``skip``: fields
-    another settings class of the same command already made flags of.
+    flag whose presence chooses the job; --help still shows the field's default. ``sections``:
+    group titles to create first, in this order (otherwise groups appear as fields first use them).
+    ``skip``: fields another settings class of the same command already made flags of.
     """
-    groups: dict[str, argparse._ActionsContainer] = {}
+    groups = {title: parser.add_argument_group(title) for title in sections}
     for f in flag_fields(cls):
         if f.name in skip:
             continue

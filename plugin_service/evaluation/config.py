@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from plugin_service.names import PROTECTORS, SHADOW_ARCHITECTURES
-from plugin_service.protect.registry import ProtectorParams
-from plugin_service.runtime import default_cache_dir, judge_cache_dir
+from plugin_service.protector_params import ProtectorParams
+from plugin_service.settings_cli import option
+
+# The sections of `advface evaluate --help`, in their order there.
+SECTIONS = INPUTS, COMPARE, PROTECTION, NETWORKS, TIERS, RUN = (
+    "inputs", "what to compare", "protection settings (main tables)", "attackers and shadows",
+    "attacker tiers (A0-A3 and the embedding-only floor; need the dlib judge)", "run")
 
 
 class EvaluationError(ValueError):
@@ -60,65 +65,95 @@ class EvaluationConfig:
     recipes, data limits, and run settings. See ``advface evaluate --help`` for each one.
     """
 
-    data: Path
-    pairs: Path
-    attack_data: tuple[Path, ...]  # one or more LFW-layout folders, split by identity into halves
-    out: Path
-    bundle: Path | None = None  # None: the default bundle embedded in the package
-    recognizer: Path | None = None  # None: the default recogniser embedded in the package
-    finetuned_recognizer: Path | None = None  # a head fine-tuned by `advface finetune-head`
+    data: Path = option(help="LFW-layout verification faces (name/name_NNNN.jpg)", group=INPUTS)
+    pairs: Path = option(help="LFW-format pairs.txt over --data", group=INPUTS)
+    attack_data: tuple[Path, ...] = option(
+        help="LFW-layout public face folder(s): attackers train on the attacker half of their identities, defender "
+        "shadows on the defender half (the split train-shadow --half uses)", group=INPUTS)
+    out: Path = option(help="report directory to write", group=INPUTS)
+    bundle: Path | None = option(None, "model bundle directory", default_help="the embedded default bundle",
+                                 group=INPUTS)
+    recognizer: Path | None = option(None, "recogniser .safetensors whose E is the bundle's",
+                                     default_help="the embedded one", group=INPUTS)
+    finetuned_recognizer: Path | None = option(
+        None, "a head fine-tuned by `advface finetune-head`: its accuracy is reported next to the original's",
+        group=INPUTS)
 
-    # Empty: every protector the bundle supports (resynth only when it carries R).
-    protectors: tuple[str, ...] = ()
-    attackers: tuple[str, ...] = SHADOW_ARCHITECTURES
-    adaptive_attacker: str | None = "urec"  # None (or "none" in create): no adaptive attacker
-    transfer_shadows: tuple[str, ...] = SHADOW_ARCHITECTURES  # empty: no transferability matrix
-    eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3)  # trade-off sweep for advface and random
-    dp_epsilons: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)  # trade-off sweep for dp
+    protectors: tuple[str, ...] = option(
+        (), "comma-separated protectors; 'none' is always included as the reference", choices=PROTECTORS,
+        default_help="none,random,dp,advface, and resynth when the bundle carries R", group=COMPARE)
+    attackers: tuple[str, ...] = option(SHADOW_ARCHITECTURES, "paper-setting attacker architectures",
+                                        choices=SHADOW_ARCHITECTURES, group=COMPARE)
+    adaptive_attacker: str | None = option("urec", "architecture of the attacker that knows the defence, or none",
+                                           choices=(*SHADOW_ARCHITECTURES, "none"), group=COMPARE)
+    transfer_shadows: tuple[str, ...] = option(
+        SHADOW_ARCHITECTURES, "shadow architectures of the transferability matrix, or none",
+        choices=SHADOW_ARCHITECTURES, empty="none", group=COMPARE)
+    eps: tuple[float, ...] = option((0.0, 0.05, 0.1, 0.2, 0.3),
+                                    "trade-off sweep of the PGD radius for advface and random", group=COMPARE)
+    dp_epsilons: tuple[float, ...] = option((1.0, 2.0, 5.0, 10.0, 20.0, 50.0), "trade-off sweep of the DP budget",
+                                            group=COMPARE)
 
-    protector_eps: float | None = None  # main tables; None: the bundle's PGD eps
-    pgd_steps: int | None = None  # None: the bundle's PGD steps
-    pgd_alpha: float | None = None  # None: the bundle's PGD step size
-    dp_epsilon: float | None = None  # None: ProtectorParams' default
-    dp_bound: float | None = None  # None: ProtectorParams' default
+    protector_eps: float | None = option(None, "PGD radius", default_help="the bundle's", group=PROTECTION)
+    pgd_steps: int | None = option(None, "PGD steps for advface and random", default_help="the bundle's",
+                                   group=PROTECTION)
+    pgd_alpha: float | None = option(None, "PGD step size", default_help="the bundle's", group=PROTECTION)
+    dp_epsilon: float | None = option(None, "DP budget of the dp protector", default_help="the registry's",
+                                      group=PROTECTION)
+    dp_bound: float | None = option(None, "DP clipping bound / sensitivity", default_help="the registry's",
+                                    group=PROTECTION)
 
-    attacker_width: int | None = None  # None: twice the bundle shadow's width
-    attacker_depth: int = 2
-    attacker_epochs: int = 10
-    shadow_width: int | None = None  # transfer and adaptive shadows; None: the bundle shadow's
-    shadow_depth: int | None = None
-    shadow_epochs: int | None = None  # None: the bundle's recorded shadow_epochs, else 10
-    train_batch_size: int = 32
-    lr: float = 1e-4  # the paper's Adam learning rate for reconstruction networks
+    attacker_width: int | None = option(None, "attacker width", default_help="twice the bundle shadow's; never "
+                                        "equal to it", group=NETWORKS)
+    attacker_depth: int = option(2, "attacker depth", group=NETWORKS)
+    attacker_epochs: int = option(10, "attacker training epochs", group=NETWORKS)
+    shadow_width: int | None = option(None, "transfer/adaptive shadow width", default_help="the bundle shadow's",
+                                      group=NETWORKS)
+    shadow_depth: int | None = option(None, "transfer/adaptive shadow depth", default_help="the bundle shadow's",
+                                      group=NETWORKS)
+    shadow_epochs: int | None = option(None, "transfer/adaptive shadow epochs", default_help="the bundle's, else 10",
+                                       group=NETWORKS)
+    train_batch_size: int = option(32, "training batch size", group=NETWORKS)
+    lr: float = option(1e-4, "Adam learning rate of reconstruction networks; the default is the paper's", group=NETWORKS)
 
-    batch_size: int = 32  # faces per protector call: AdvFace's shadow uses batch statistics
-    channels_last: bool = False  # AdvFace on the engine's channels-last PGD: same function, ~1.5x faster on CPU
-    resume: bool = True  # keep each finished pass in the cache and reuse it when a run is restarted
-    pairs_per_fold: int | None = None  # keep this many matched and mismatched pairs per fold
-    attack_limit_per_identity: int | None = None
-    attack_max_identities: int | None = None
-    examples: int = 4  # faces in the reconstruction figure
+    batch_size: int = option(32, "faces per protector call; AdvFace's shadow uses batch statistics", group=RUN)
+    channels_last: bool = option(False, "run AdvFace's PGD on channels-last tensors, as `advface serve "
+                                 "--channels-last` does: the same function up to floating-point reordering, about "
+                                 "1.5x faster on CPU", group=RUN)
+    resume: bool = option(True, "recompute every protector pass instead of reusing the ones a previous, interrupted "
+                          "run of the same settings finished (kept under --cache-dir)", group=RUN)
+    pairs_per_fold: int | None = option(None, "use only this many matched and mismatched pairs per fold", group=RUN)
+    attack_limit_per_identity: int | None = option(None, "read at most this many attack faces per identity", group=RUN)
+    attack_max_identities: int | None = option(None, "read only the first N attack identities (sorted)", group=RUN)
+    examples: int = option(4, "faces in the reconstruction figure", group=RUN)
 
-    tiers: bool = True  # the attacker tiers A0-A3 and the embedding-only floor (needs the dlib judge)
-    tier_faces: int | None = 1024  # privacy faces the tiers score; None: every verification face
-    tier_attack_faces: int = 1024  # attacker faces for A1 decoders, the linkage student, the surrogate E
-    tier_epochs: int = 8  # A1 decoders, the floor's decoder and the linkage student
-    tier_lr: float = 1e-3  # A1 decoders: faster than the paper's 1e-4, the attacker is in a hurry
-    gallery_distractors: int = 1000  # identities beyond the probes' in the rank-1 gallery (one photo each)
-    judge_faces: int | None = 300  # faces per reconstruction set the judge scores; None: all
-    inversion_faces: int = 64  # A2 inversions are per-face optimisations: the first N privacy faces
-    inversion_steps: int = 200
-    inversion_lr: float = 0.3
+    tiers: bool = option(True, "skip the tiers (and the judge)", group=TIERS)
+    tier_faces: int | None = option(1024, "privacy faces the tiers score", group=TIERS)  # None: every verification face
+    tier_attack_faces: int = option(1024, "attacker faces for A1 decoders, linkage and surrogate E", group=TIERS)
+    tier_epochs: int = option(8, "epochs of A1 decoders, the floor decoder and the linkage student", group=TIERS)
+    tier_lr: float = 1e-3  # A1 decoders: faster than the paper's 1e-4, the attacker is in a hurry (no flag)
+    gallery_distractors: int = option(1000, "identities beyond the probes' in the rank-1 gallery, one photo each",
+                                      group=TIERS)
+    judge_faces: int | None = option(300, "faces per reconstruction set the dlib judge scores", group=TIERS)  # None: all
+    inversion_faces: int = option(64, "faces each A2 inversion runs on (the first privacy faces: A2 inversions are "
+                                  "per-face optimisations)", group=TIERS)
+    inversion_steps: int = option(200, "Adam steps per A2 inversion", group=TIERS)
+    inversion_lr: float = 0.3  # this and inversion_tv are no flags
     inversion_tv: float = 0.1
-    surrogate_epochs: int = 3  # black-box A2: epochs fitting a surrogate E to (public face, E(face)) queries
-    judge_cache_dir: Path | None = None  # None: default_cache_dir()'s sibling 'judge'
+    surrogate_epochs: int = option(3, "epochs fitting the black-box surrogate E to (public face, E(face)) queries",
+                                   group=TIERS)
+    judge_cache_dir: Path | None = option(None, "judge embedding cache", default_help="~/.cache/advface/judge",
+                                          group=TIERS)
 
-    cache_dir: Path | None = None  # None: default_cache_dir()
-    use_cache: bool = True
-    allow_unknown_shadow_data: bool = False
-    quick: bool = False
-    device: str = "auto"
-    seed: int = 0
+    cache_dir: Path | None = option(None, "trained-network cache",
+                                    default_help="$ADVFACE_CACHE_DIR or ~/.cache/advface/attackers", group=NETWORKS)
+    use_cache: bool = option(True, "train every network afresh and cache nothing", flag="no-cache", group=NETWORKS)
+    allow_unknown_shadow_data: bool = option(False, "evaluate a bundle whose manifest does not record its shadow "
+                                             "identities (disjointness unverified)", group=NETWORKS)
+    quick: bool = option(False, "smoke run: tiny networks, 1 epoch, 3 PGD steps, 2+2 pairs per fold, few attack "
+                         "faces (explicit options still win); numbers are not meaningful", group=RUN)
+    device: str = option("auto", "auto, cpu or cuda[:N]", group=RUN)
+    seed: int = option(0, "base seed", group=RUN)
 
     @classmethod
     def create(cls, quick: bool = False, **overrides: Any) -> EvaluationConfig:
@@ -161,9 +196,13 @@ class EvaluationConfig:
         return ProtectorParams(steps=self.pgd_steps, alpha=self.pgd_alpha, eps=self.protector_eps, **dp)
 
     def resolved_judge_cache_dir(self) -> Path:
+        from plugin_service.runtime import judge_cache_dir  # torch: not loaded to build `advface evaluate`'s flags
+
         return self.judge_cache_dir or judge_cache_dir()
 
     def resolved_cache_dir(self) -> Path | None:
+        from plugin_service.runtime import default_cache_dir
+
         if not self.use_cache:
             return None
         return self.cache_dir or default_cache_dir()

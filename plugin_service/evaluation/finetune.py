@@ -20,44 +20,22 @@ import copy
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.bundle import load_bundle
+from plugin_service.bundle import default_recognizer_path, load_bundle
 from plugin_service.evaluation.config import EvaluationError
 from plugin_service.evaluation.data import batch_order, require_same_extractor
+from plugin_service.evaluation.finetune_settings import TARGETS, HeadFinetuning
 from plugin_service.evaluation.passes import make_protector, protect_dataset
 from plugin_service.faces import identity_half, load_face_folders
 from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, load_recognizer
-from plugin_service.protect.registry import ProtectorParams
 from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HeadFinetuning:
-    recognizer: Path
-    data: tuple[Path, ...]
-    out: Path
-    bundle: Path | None = None  # None: the default bundle
-    protector: str = "advface"
-    target: str = "clean"  # clean R's embedding (XNN-d), the teacher's, or identity cross-entropy
-    params: ProtectorParams = ProtectorParams()  # None fields: the bundle's PGD defaults
-    epochs: int = 3
-    batch_size: int = 32  # faces per protector call and per training step
-    lr: float = 1e-4
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    clean_mix: bool = True
-    half: str = "all"
-    limit_per_identity: int | None = None
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -69,7 +47,6 @@ class FinetuneResult:
     train_accuracy: float  # identity accuracy on protected features, last epoch
 
 
-TARGETS = ("clean", "teacher", "identity")
 
 
 def _teacher_targets(images: torch.Tensor) -> torch.Tensor:
@@ -87,7 +64,8 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     generator = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     bundle = load_bundle(cfg.bundle).to(device)
-    model = load_recognizer(cfg.recognizer).to(device)
+    recognizer = cfg.recognizer or default_recognizer_path()
+    model = load_recognizer(recognizer).to(device)
     require_same_extractor(model, bundle)
     if cfg.target not in TARGETS:
         raise EvaluationError(f"unknown fine-tuning target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
@@ -142,7 +120,7 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     model.eval()
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu().save(cfg.out, {
-        "finetuned_from": cfg.recognizer.name, "finetune_bundle": bundle.version, "finetune_protector": cfg.protector,
+        "finetuned_from": recognizer.name, "finetune_bundle": bundle.version, "finetune_protector": cfg.protector,
         "finetune_params": json.dumps(protector.params(), sort_keys=True), "finetune_data": str(cfg.data),
         "finetune_faces": str(len(faces)), "finetune_epochs": str(cfg.epochs), "finetune_seed": str(cfg.seed),
         "finetune_clean_mix": str(cfg.clean_mix), "finetune_target": cfg.target,
