@@ -37,7 +37,8 @@ def option(default: Any = MISSING, help: str = "", *, choices: Collection[str] |
     ``choices`` limits a name (or each name of a tuple); ``flag`` replaces the name derived from the
     field (``no-cache`` for ``use_cache``); ``default_help`` describes a default the value alone does
     not explain ("the bundle's"); ``group`` titles the --help section; ``empty`` is the word that
-    stands for an empty tuple ("none").
+    stands for an empty tuple ("none"). A boolean's ``help`` says what its flag does, which for a
+    field that defaults to True is turning it off (``--no-resume``).
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "default_help": default_help, "group": group,
                 "empty": empty}
