@@ -16,7 +16,7 @@ from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
     add_finetune_head_parser,
 )
-from plugin_service.names import SHADOW_ARCHITECTURES
+from plugin_service.names import DEFAULT_SPLIT, SHADOW_ARCHITECTURES
 from plugin_service.settings_cli import add_arguments, flag_fields, from_args
 from plugin_service.training.recognizer_settings import DistillTraining, RecognizerTraining
 from plugin_service.training.shadow_settings import ShadowTraining
@@ -236,7 +236,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=16, help="shadow width (default: %(default)s)")
     p.add_argument("--depth", type=int, default=2, help="shadow depth (default: %(default)s)")
     p.add_argument("--head-width", type=int, default=32, help="light recogniser head width (default: %(default)s)")
-    p.add_argument("--split", default="conv2d_2b")
+    p.add_argument("--split", default=DEFAULT_SPLIT)
     p.set_defaults(func=_cmd_models)
 
 

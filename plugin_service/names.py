@@ -13,4 +13,5 @@ SHADOW_ARCHITECTURES = ("urec", "resrec", "transrec")  # reconstruction networks
 RECOGNIZER_ARCHITECTURES = ("light", "facenet")  # R after the split: the light head, or InceptionResnetV1's rest
 TEACHERS = ("dlib",)  # pretrained recognisers a student can be distilled from
 IDENTITY_HALVES = ("all", "defender", "attacker")  # the identity-disjoint halves of a public face folder
+DEFAULT_SPLIT = "conv2d_2b"  # the last layer of E: the paper's split (--split)
 

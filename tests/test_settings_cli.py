@@ -162,13 +162,11 @@ def test_train_recognizer_flags_build_either_job_with_the_command_s_defaults() -
 
 
 def test_the_torch_free_settings_keep_the_models_defaults() -> None:
-    from plugin_service.models.extractor import DEFAULT_SPLIT
     from plugin_service.models.recognizer import RecognizerSpec
     from plugin_service.models.shadow import ShadowSpec
 
     spec = ShadowSpec()
     assert (ShadowTraining.arch, ShadowTraining.width, ShadowTraining.depth) == (spec.arch, spec.width, spec.depth)
-    assert ShadowTraining.split == RecognizerTraining.split == DEFAULT_SPLIT
     assert DistillTraining(data=(), out=Path("x")).spec == RecognizerSpec(width=64, embedding_dim=128)
 
 

@@ -13,11 +13,12 @@ import torch
 from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d
 from torch import nn
 
+from plugin_service.names import DEFAULT_SPLIT
+
 # InceptionResnetV1's stem, in forward order, with the feature shape each layer yields for a
 # 160x160 face. The paper splits after conv2d_2b (64x77x77); the others are offered for
 # experiments with deeper or shallower client extractors.
 STEM_LAYERS: tuple[str, ...] = ("conv2d_1a", "conv2d_2a", "conv2d_2b", "maxpool_3a", "conv2d_3b")
-DEFAULT_SPLIT = "conv2d_2b"
 FACE_SIZE = 160
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from plugin_service.names import RECOGNIZER_ARCHITECTURES, TEACHERS
+from plugin_service.names import DEFAULT_SPLIT, RECOGNIZER_ARCHITECTURES, TEACHERS
 from plugin_service.settings_cli import like, option
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class RecognizerTraining(_Spec):
     out: Path = option(help="output weights (.safetensors)")
     arch: str = option("light", "light: E + small conv head (trainable on CPU); facenet: full InceptionResnetV1",
                        choices=RECOGNIZER_ARCHITECTURES)
-    split: str = option("conv2d_2b", "last layer of E (the default is the paper's)")
+    split: str = option(DEFAULT_SPLIT, "last layer of E (the default is the paper's)")
     width: int = option(32, "light head: channels of the first block")
     embedding_dim: int = option(128, "light head: embedding size")
     epochs: int = option(15, "training epochs")

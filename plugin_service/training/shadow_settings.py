@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin_service.names import IDENTITY_HALVES, SHADOW_ARCHITECTURES
+from plugin_service.names import DEFAULT_SPLIT, IDENTITY_HALVES, SHADOW_ARCHITECTURES
 from plugin_service.settings_cli import option
 
 
@@ -30,7 +30,7 @@ class ShadowTraining:
     lr: float = option(1e-4, "Adam learning rate")
     seed: int = option(0, "seed of the initialisation and the batch order")
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    split: str = option("conv2d_2b", "last layer of E (the default is the paper's)")
+    split: str = option(DEFAULT_SPLIT, "last layer of E (the default is the paper's)")
     with_recognizer: bool = option(False, "also put R from --extractor (a recogniser .safetensors) into the bundle, "
                                    "for resynth")
     command: str = ""  # the command line that made the bundle, recorded in its manifest (not a flag)
