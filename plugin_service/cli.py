@@ -16,6 +16,7 @@ from plugin_service.evaluation.cli_args import (
     add_evaluate_parser,
     add_finetune_head_parser,
 )
+from plugin_service.evaluation.shadow_check_settings import ShadowCheckSettings
 from plugin_service.names import DEFAULT_SPLIT, SHADOW_ARCHITECTURES
 from plugin_service.settings_cli import add_arguments, flag_fields, from_args
 from plugin_service.training.recognizer_settings import DistillTraining, RecognizerTraining
@@ -296,10 +297,11 @@ def _cmd_shadow_check(args: argparse.Namespace) -> int:
     from plugin_service.models.recognizer import load_recognizer
     from plugin_service.runtime import pick_device
 
-    recognizer = load_recognizer(args.recognizer or default_recognizer_path()).to(pick_device(args.device)).eval()
-    rows = [shadow_check(args.data, args.pairs, bundle, recognizer, args.pairs_per_fold, args.batch_size, args.device)
-            for bundle in (args.bundle or [None])]
-    print(f"{rows[0].faces} faces of {args.pairs}; accuracy = 10-fold verification, the stored side as given, "
+    cfg = from_args(args, ShadowCheckSettings)
+    recognizer = load_recognizer(cfg.recognizer or default_recognizer_path()).to(pick_device(cfg.device)).eval()
+    rows = [shadow_check(cfg.data, cfg.pairs, bundle, recognizer, cfg.pairs_per_fold, cfg.batch_size, cfg.device)
+            for bundle in (cfg.bundle or (None,))]
+    print(f"{rows[0].faces} faces of {cfg.pairs}; accuracy = 10-fold verification, the stored side as given, "
           "the probe clean; s/face = AdvFace at the bundle's settings on this machine")
     print(format_table(rows))
     return 0
@@ -311,13 +313,7 @@ def _add_shadow_check(sub: argparse._SubParsersAction) -> None:
                        "per bundle: the shadow's size, CPU seconds per face, verification accuracy with clean, "
                        "E(S(z)) (eps 0: the shadow's round trip alone) and AdvFace features stored, and the shadow's "
                        "reconstruction SSIM from clean and from AdvFace features. Trains nothing.")
-    p.add_argument("--data", type=Path, required=True, help="LFW-layout face folder the pairs refer to")
-    p.add_argument("--pairs", type=Path, required=True, help="LFW-format pairs.txt over --data")
-    p.add_argument("--bundle", type=Path, nargs="*", help="bundles to compare (default: the embedded one)")
-    p.add_argument("--recognizer", type=Path, help="recogniser whose E the bundles share (default: the embedded one)")
-    p.add_argument("--pairs-per-fold", type=int, help="only this many matched and mismatched pairs per fold")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    add_arguments(p, ShadowCheckSettings)
     p.set_defaults(func=_cmd_shadow_check)
 
 

@@ -15,6 +15,7 @@ from plugin_service.config import ServerSettings
 from plugin_service.engine_settings import EngineSettings
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.finetune_settings import HeadFinetuning
+from plugin_service.evaluation.shadow_check_settings import ShadowCheckSettings
 from plugin_service.settings_cli import add_arguments, flag_fields, from_args, like, option
 from plugin_service.training.recognizer_settings import DistillTraining, RecognizerTraining
 from plugin_service.training.shadow_settings import ShadowTraining
@@ -130,6 +131,7 @@ COMMANDS = {
                          DistillTraining: {"weight_decay", "warmup_steps"}},
     "finetune-head": {HeadFinetuning: {"weight_decay", "label_smoothing"}},
     "evaluate": {EvaluationConfig: {"tier_lr", "inversion_lr", "inversion_tv"}},
+    "shadow-check": {ShadowCheckSettings: set()},
 }
 
 
