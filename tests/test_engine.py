@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,7 @@ def test_l2_bound_holds_per_face() -> None:
     assert torch.all(delta.flatten(1).norm(dim=1) <= 2.0 + 1e-4)
 
 
+@pytest.mark.slow  # trains a small shadow first (~10 s)
 def test_shadow_loss_rises_on_a_trained_shadow() -> None:
     torch.manual_seed(0)
     extractor = freeze(Extractor())
