@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from pathlib import Path
@@ -21,9 +22,11 @@ from tests.helpers import (
     LiveServer,
     edited_request,
     feature_source,
+    free_port,
     poll_until,
     raw_stream,
     scrape,
+    server_settings,
     spawn_server,
 )
 
@@ -207,28 +210,40 @@ def test_full_queue_pushes_unary_calls_back_with_retry_info(start_live_server) -
     assert retry_hints and all(retry_hints)
 
 
-@pytest.mark.slow  # an `advface serve` subprocess
-def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path, tmp_path: Path) -> None:
-    server = spawn_server(tiny_bundle, tmp_path, "--warmup-faces", "48", metrics_port=0)
-    seen: list[str] = []
+def test_health_is_not_serving_until_warm_up_has_run(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-up is held until the test has seen NOT_SERVING, so no machine is too fast to see it."""
+    from plugin_service.engine import Engine
+    from plugin_service.server.app import drain_and_stop, start_server
+
+    warm_up, release, started = Engine.warm_up, threading.Event(), threading.Event()
+
+    def gated(engine: Engine, faces: int) -> float:
+        started.set()
+        assert release.wait(timeout=120), "the test never released the warm-up"
+        return warm_up(engine, faces)
+
+    monkeypatch.setattr(Engine, "warm_up", gated)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    starting = asyncio.run_coroutine_threadsafe(start_server(server_settings(tiny_bundle, port=port, metrics_port=0)),
+                                                loop)
     try:
-        with grpc.insecure_channel(server.address) as channel:
+        assert started.wait(timeout=120), "the server never reached its warm-up"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-
-            def serving() -> bool:
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-                except grpc.RpcError:
-                    pass
-                return bool(seen) and seen[-1] == "SERVING"
-
-            poll_until(serving, "health SERVING", timeout=120, proc=server.proc, log=server.log)
+            before = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            release.set()
+            running = starting.result(timeout=120)  # start_server returns once SERVING
+            after = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert before == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert after == health_pb2.HealthCheckResponse.SERVING
+        asyncio.run_coroutine_threadsafe(drain_and_stop(running, grace=5), loop).result(timeout=60)
     finally:
-        server.proc.send_signal(signal.SIGTERM)
-        server.proc.wait(timeout=60)
-    assert seen[0] == "NOT_SERVING" and seen[-1] == "SERVING"
-    assert seen.index("SERVING") > 0
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
 
 
 @pytest.mark.slow  # an `advface serve` subprocess
