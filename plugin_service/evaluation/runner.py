@@ -132,7 +132,7 @@ class PassRunner:
         privacy = {}
         for attacker, result in out.attacks.items():
             replay = replay_attack(result.embeddings, self.clean[PRIMARY], self.faces.names, self.threshold)
-            privacy[attacker] = summarize(result, replay).to_json()
+            privacy[attacker] = summarize(result, replay)
         utility = {head: verification_summary(verify(out.feature_embeddings[head], self.clean[head], self.faces.pairs))
                    for head in self.heads}
         record: PassRecord = {

@@ -39,39 +39,24 @@ than those on resynth, the direct attacks on e were the weaker ones, not resynth
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from plugin_service.evaluation.passes import AttackOutputs
+from plugin_service.evaluation.results import Privacy
 from plugin_service.judge.dlib_resnet import DLIB_THRESHOLD
 from plugin_service.verification import cosine_similarity
 
 
-@dataclass(frozen=True)
-class PrivacySummary:
-    psnr: float
-    psnr_std: float
-    ssim: float
-    ssim_std: float
-    mse: float
-    mse_std: float
-    srra: float
-    srra_other: float
-    faces: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def summarize(attack: AttackOutputs, replay: ReplayResult) -> PrivacySummary:
-    def stats(values: np.ndarray) -> tuple[float, float]:
-        return float(np.mean(values)), float(np.std(values))
-
-    return PrivacySummary(*stats(attack.psnr), *stats(attack.ssim), *stats(attack.mse), replay.srra,
-                          replay.srra_other, len(attack.psnr))
+def summarize(attack: AttackOutputs, replay: ReplayResult) -> Privacy:
+    """One attacker's privacy numbers on one pass, in the results format (means and stds over faces)."""
+    return {"psnr": float(np.mean(attack.psnr)), "psnr_std": float(np.std(attack.psnr)),
+            "ssim": float(np.mean(attack.ssim)), "ssim_std": float(np.std(attack.ssim)),
+            "mse": float(np.mean(attack.mse)), "mse_std": float(np.std(attack.mse)),
+            "srra": replay.srra, "srra_other": replay.srra_other, "faces": len(attack.psnr)}
 
 
 @dataclass(frozen=True)
