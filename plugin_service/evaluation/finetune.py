@@ -47,8 +47,6 @@ class FinetuneResult:
     train_accuracy: float  # identity accuracy on protected features, last epoch
 
 
-
-
 def _teacher_targets(images: torch.Tensor) -> torch.Tensor:
     """The judge's embeddings of the faces, centred (see training.distill), from the shared cache."""
     from plugin_service.judge import EmbeddingCache, load_judge
@@ -71,7 +69,8 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
         raise EvaluationError(f"unknown fine-tuning target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
     faces = load_face_folders(cfg.data, limit_per_identity=cfg.limit_per_identity)
     faces = faces.subset(identity_half(faces.identities, cfg.half))
-    protector = make_protector(cfg.protector, bundle, cfg.params, generator=torch.Generator().manual_seed(cfg.seed))
+    protector = make_protector(cfg.protector, bundle, cfg.params, generator=torch.Generator().manual_seed(cfg.seed),
+                               channels_last=cfg.channels_last)
     log.info("fine-tuning the %s head on %s features of %d faces of %d identities (%s)", model.spec.arch,
              cfg.protector, len(faces), len(faces.identities), device)
     protected = protect_dataset(faces.images, bundle.extractor, protector, batch_order(len(faces), cfg.seed),

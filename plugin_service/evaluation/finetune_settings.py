@@ -35,6 +35,7 @@ class HeadFinetuning:
     dp_bound: float | None = like(EvaluationConfig, "dp_bound", group=None)
     epochs: int = option(3, "training epochs")
     batch_size: int = option(32, "faces per protector call and per training step")
+    channels_last: bool = like(EvaluationConfig, "channels_last", group=None)
     lr: float = option(1e-4, "Adam learning rate")
     weight_decay: float = 5e-4  # this and label_smoothing are no flags
     label_smoothing: float = 0.1
