@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugin_service.evaluation.scoring import COMPOSED, FLOOR, margins, summarize_tiers
+from plugin_service.evaluation.scoring import COMPOSED, FLOOR, FLOOR_OR_PRIOR, PRIOR, margins, summarize_tiers
 
 
 def _row(protector: str, tier: str, attack: str, ssim: float, same: float, rank1: float | None) -> dict:
@@ -36,6 +36,15 @@ def test_the_composed_floor_dominates_both_rows_and_resynth_never_exceeds_it() -
     m = margins(s, "resynth", COMPOSED)
     assert all(v["ssim"] <= 0 for t, v in m.items() if t != "A3")
     assert margins(s, "resynth", FLOOR)["A1"]["ssim"] == 0.50 - 0.35
+
+
+def test_the_floor_is_never_below_guessing_the_mean_face() -> None:
+    guess = [_row(PRIOR, tier, "mean public face", 0.52, 0.01, 0.0) for tier in ("A0", "A1", "A2")]
+    s = summarize_tiers(ROWS + guess, {"resynth": 0.07, FLOOR: 0.22, PRIOR: 0.001})
+    assert s[FLOOR]["A2"]["ssim"] == 0.05 and s[FLOOR_OR_PRIOR]["A2"]["ssim"] == 0.52
+    assert s[FLOOR_OR_PRIOR]["A2"]["dlib_rank1"] == 0.20 and s[FLOOR_OR_PRIOR]["A3"] == 0.22
+    assert s[COMPOSED]["A1"]["ssim"] == 0.52  # the guess beats resynth's best A1 SSIM (0.50) too
+    assert margins(s, "resynth", FLOOR_OR_PRIOR)["A1"]["ssim"] == 0.50 - 0.52
 
 
 def test_no_composed_floor_without_resynth() -> None:

@@ -9,6 +9,12 @@ face. When only black-box access to E is assumed, the same runs through a surrog
 (public image, E(image)) queries. The embedding-only control inverts R∘E onto e instead.
 
 Tier A3 (b): the linkage attack. A student maps stored values to the independent judge's embedding.
+Two students, and the attack is the better of them: a two-layer MLP trained by cosine loss, and a
+linear map fitted in closed form (ridge least squares). On unprotected LFW features (R's
+embeddings of 1,024 attacker faces, 1,539-identity gallery) the linear map linked 19.7 % rank-1
+against 14.4 % for the MLP after 30 epochs and 11.0 % after 100 (it overfits 93 identities):
+R is itself distilled from the judge, so the map is close to linear, and a closed form has no
+epochs to get wrong.
 
 Transform-based defences can hide the face and still give the identity away: an attacker with
 public faces, the defence's code and the judge trains a network from (protected feature of a
@@ -140,34 +146,57 @@ def build_student(stored_shape: tuple[int, ...], d_out: int, width: int = 32) ->
     return LightHead(stored_shape[0], width, d_out)
 
 
-def train_linkage_student(stored: torch.Tensor, judge_embeddings: torch.Tensor, epochs: int, device: torch.device,
-                          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, desc: str = "linkage",
-                          backbone: nn.Module | None = None) -> nn.Module:
-    """Fits a student from stored values (N, ...) to unit judge embeddings (N, D) by cosine loss.
+def train_linkage_student(inputs: torch.Tensor, judge_embeddings: torch.Tensor, epochs: int, device: torch.device,
+                          batch_size: int = 32, lr: float = 1e-3, seed: int = 0, desc: str = "linkage") -> nn.Module:
+    """Fits a student from ``inputs`` (N, ...) to unit judge embeddings (N, D) by cosine loss.
 
-    With a frozen ``backbone`` (the attacker's copy of R) the student is backbone -> MLP and only
-    the MLP learns, on the backbone's outputs computed once.
+    For stored feature maps the inputs are R(stored value), computed once by the caller: the
+    attacker holds R, and only the student learns.
     """
     generator = seed_everything(seed)
-    if backbone is not None:
-        backbone = backbone.to(device).eval()
-        stored = predict(backbone, stored, device)
-    student = build_student(tuple(stored.shape[1:]), judge_embeddings.shape[1]).to(device)
+    student = build_student(tuple(inputs.shape[1:]), judge_embeddings.shape[1]).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
     target = F.normalize(judge_embeddings.float(), dim=1)
     for epoch in range(epochs):
         student.train()
-        bar = progress(minibatches(len(stored), batch_size, generator, drop_last=True),
-                       total=max(1, len(stored) // batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}")
+        bar = progress(minibatches(len(inputs), batch_size, generator, drop_last=True),
+                       total=max(1, len(inputs) // batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}")
         for idx in bar:
-            out = student(stored[idx].float().to(device))
+            out = student(inputs[idx].float().to(device))
             loss = (1 - F.cosine_similarity(out, target[idx].to(device), dim=1)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    student.eval()
-    return student if backbone is None else nn.Sequential(backbone, student).eval()
+    return student.eval()
+
+
+class LinearLink(nn.Module):
+    """Embeddings (N, D_in) -> unit judge-space vectors (N, D_out) through one affine map."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(bias)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(e.flatten(1)), dim=1)
+
+
+@torch.no_grad()
+def fit_linear_link(inputs: torch.Tensor, judge_embeddings: torch.Tensor, ridge: float = 0.1) -> LinearLink:
+    """The ridge least-squares affine map from ``inputs`` (N, D) to unit judge embeddings (N, D_out).
+
+    Solved in float64 on the CPU; ``ridge`` is added to the diagonal of the (D + 1)-square normal
+    matrix (the bias column included), which keeps it solvable with fewer faces than dimensions.
+    """
+    x = inputs.double().flatten(1).cpu()
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    y = F.normalize(judge_embeddings.double().cpu(), dim=1)
+    solution = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)  # (D + 1, D_out)
+    return LinearLink(solution[:-1].T.float(), solution[-1].float()).eval()
 
 
 @torch.no_grad()

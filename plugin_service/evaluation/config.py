@@ -51,6 +51,7 @@ QUICK_DEFAULTS: dict[str, Any] = {
     "gallery_distractors": 4,
     "tier_attack_faces": 24,
     "tier_epochs": 1,
+    "linkage_epochs": 2,
     "inversion_faces": 2,
     "inversion_steps": 3,
     "surrogate_epochs": 1,
@@ -130,7 +131,9 @@ class EvaluationConfig:
     tiers: bool = option(True, "skip the tiers (and the judge)", group=TIERS)
     tier_faces: int | None = option(1024, "privacy faces the tiers score", group=TIERS)  # None: every verification face
     tier_attack_faces: int = option(1024, "attacker faces for A1 decoders, linkage and surrogate E", group=TIERS)
-    tier_epochs: int = option(8, "epochs of A1 decoders, the floor decoder and the linkage student", group=TIERS)
+    tier_epochs: int = option(8, "epochs of A1 decoders and the floor decoder", group=TIERS)
+    linkage_epochs: int = option(30, "epochs of the A3 linkage MLP (it trains on R's embeddings, computed once: "
+                                 "seconds)", group=TIERS)
     tier_lr: float = 1e-3  # A1 decoders: faster than the paper's 1e-4, the attacker is in a hurry (no flag)
     gallery_distractors: int = option(1000, "identities beyond the probes' in the rank-1 gallery, one photo each",
                                       group=TIERS)

@@ -36,7 +36,7 @@ TIER_TITLES = {
     "A0": "A0: decoder trained on clean features (public faces, E)",
     "A1": "A1: the attacker knows the defence (decoder trained on its own protected features; A0 fine-tuned on them)",
     "A2": "A2: training-free inversion (optimise an image until E(image) matches the stored feature)",
-    "A3": "A3: identity linkage (a student from stored value to the independent judge's embedding)",
+    "A3": "A3: identity linkage (students from the stored value to the independent judge's embedding)",
 }
 
 
@@ -225,10 +225,16 @@ def _tiers(r: dict[str, Any], figures_made: dict[str, str]) -> list[str]:
         if row["dlib_rank1"] is not None and (row["protector"] not in best or
                                                row["dlib_rank1"] > best[row["protector"]]["dlib_rank1"]):
             best[row["protector"]] = row
-    rows = [[name, fmt(rank, "rate"), fmt(best[name]["dlib_rank1"], "rate") if name in best else "n/a",
+    by_map = t.get("linkage_by_map", {})
+    rows = [[name, fmt(rank, "rate"), *[fmt(by_map[name][m], "rate") if name in by_map else "—" for m in ("mlp", "linear")],
+             fmt(best[name]["dlib_rank1"], "rate") if name in best else "n/a",
              best[name]["attack"] if name in best else ""] for name, rank in t["linkage_rank1"].items()]
     lines += [f"### {TIER_TITLES['A3']}", "",
-              *_table(["protector", "linkage rank-1", "best reconstruction rank-1 (judge)", "from"], rows)]
+              f"Linkage rank-1 is the better of an MLP student ({t.get('linkage_epochs', t['epochs'])} epochs) and a "
+              "linear map fitted in closed form, both from R(stored value) (from e for the floor) to the judge's "
+              "embedding, trained on the attacker's faces; `nothing stored` is chance.", "",
+              *_table(["protector", "linkage rank-1", "MLP student", "linear map", "best reconstruction rank-1 (judge)",
+                       "from"], rows)]
     return lines
 
 
@@ -242,9 +248,12 @@ def _tier_summary(t: dict[str, Any]) -> list[str]:
                                   fmt(s[tier]["dlib_rank1"], "rate")]) for tier in ("A0", "A1", "A2")],
              fmt(s["A3"], "rate")] for name, s in summary.items()]
     lines = ["### Summary: the strongest attack of each tier", "",
-             "Each cell is the maximum over that tier's attacks, per metric. `embedding-only, composed` adds what "
-             "anyone holding e can also do: compute resynth's stored feature from e (R and the start feature ship "
-             "with the backend) and attack that, so it is the best of the two rows above it.", "",
+             "Each cell is the maximum over that tier's attacks, per metric. `nothing stored` is the attacker's mean "
+             "public face given for every face: it knows no one, yet aligned faces share their layout, so its SSIM "
+             "is what pixel similarity gives away for free. `embedding-only or nothing` is the better of it and the "
+             "direct attacks on e (whoever holds e can ignore it). `embedding-only, composed` adds what anyone "
+             "holding e can also do: compute resynth's stored feature from e (R and the start feature ship with the "
+             "backend) and attack that, so it is the best of those rows and resynth's.", "",
              *_table(header, rows)]
     for floor, by_tier in (t.get("resynth_margins") or {}).items():
         parts = [f"{tier}: SSIM {v['ssim']:+.3f}, rank-1 {100 * v['dlib_rank1']:+.1f} points"

@@ -117,11 +117,13 @@ class Tiers(TypedDict, total=False):
     inversion: dict[str, float]
     surrogate_epochs: int
     epochs: int
+    linkage_epochs: int
     judge: str
     judge_threshold: float
     srra_threshold: float
     rows: list[TierRow]
-    linkage_rank1: dict[str, float]
+    linkage_rank1: dict[str, float]  # the better of the two maps below (chance for "nothing stored")
+    linkage_by_map: dict[str, dict[str, float]]  # protector -> {"mlp": rank-1, "linear": rank-1}
     seconds: float
     summary: dict[str, dict[str, Any]]  # protector -> tier -> strongest numbers (scoring.summarize_tiers)
     resynth_margins: dict[str, dict[str, dict[str, float]]]  # floor -> tier -> resynth minus floor
