@@ -125,6 +125,10 @@ class PassCache:
     def __init__(self, root: Path | None) -> None:
         self.root = Path(root) if root is not None else None
 
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
     def key(self, fields: dict[str, Any]) -> str:
         return cache_key({"kind": "evaluation-pass", **fields})
 

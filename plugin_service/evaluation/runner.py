@@ -22,6 +22,7 @@ import platform
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, cast
 
 import numpy as np
@@ -82,16 +83,19 @@ class PassRunner:
         self.stored: dict[str, torch.Tensor] = {}  # protector -> stored features of the keep faces, in keep's order
         self.records: dict[str, PassRecord] = {}
         self.example_images: dict[str, dict[str, torch.Tensor]] = {}
-        self._inputs = {  # everything a pass depends on besides the protector (see pass_cache.py)
-            "bundle": bundle.content_hash, "faces": tensor_digest(faces.images),
-            "names": tensor_digest(faces.names), "paths": tensor_digest(str(p) for p in faces.paths),
-            "pairs": tensor_digest(np.stack([faces.pairs.left, faces.pairs.right, faces.pairs.same,
-                                             faces.pairs.folds]).tolist()),
+    @cached_property
+    def _inputs(self) -> dict[str, Any]:
+        """Everything a pass depends on besides the protector: the disk key's fields (hashed only when resuming)."""
+        return {
+            "bundle": self.bundle.content_hash, "faces": tensor_digest(self.faces.images),
+            "names": tensor_digest(self.faces.names), "paths": tensor_digest(str(p) for p in self.faces.paths),
+            "pairs": tensor_digest(np.stack([self.faces.pairs.left, self.faces.pairs.right, self.faces.pairs.same,
+                                             self.faces.pairs.folds]).tolist()),
             "order": tensor_digest(self.order), "examples": tensor_digest(self.examples),
-            "keep": tensor_digest(keep) if keep is not None else None, "batch_size": cfg.batch_size,
-            "attackers": {k: model_digest(m) for k, m in attackers.items()},
-            "heads": {k: model_digest(m) for k, m in heads.items()}, "threshold": threshold,
-            "channels_last": cfg.channels_last, "device": str(device), "seed": cfg.seed,
+            "keep": tensor_digest(self.keep) if self.keep is not None else None, "batch_size": self.cfg.batch_size,
+            "attackers": {k: model_digest(m) for k, m in self.attackers.items()},
+            "heads": {k: model_digest(m) for k, m in self.heads.items()}, "threshold": self.threshold,
+            "channels_last": self.cfg.channels_last, "device": str(self.device), "seed": self.cfg.seed,
         }
 
     def run(self, name: str, params: ProtectorParams, shadow: nn.Module | None = None,
@@ -106,7 +110,7 @@ class PassRunner:
         label += f" shadow={shadow_label}" if name == "advface" else ""
         wants_features = self.keep is not None and shadow is None and params == self.cfg.protector_params()
         disk_key = self.pass_cache.key({**self._inputs, "pass": key, "features": wants_features}) \
-            if shadow is None else None
+            if shadow is None and self.pass_cache.enabled else None
         done = self.pass_cache.load(disk_key) if disk_key is not None else None
         if done is not None:
             log.info("pass: %s, finished by an earlier run (resumed from the cache)", label)
