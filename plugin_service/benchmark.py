@@ -28,15 +28,20 @@ from plugin_service.engine_settings import EngineSettings
 from plugin_service.protect import ProtectorParams
 
 
-def _features(bundle_path: Path | None, n: int) -> np.ndarray:
-    """Realistic features: E of random-pixel faces would be atypical, so use E of the sample faces, tiled."""
+def _features(bundle_path: Path | None, n: int, faces: Path | None = None) -> np.ndarray:
+    """Realistic features: E of the first ``n`` faces of ``faces`` (default: the sample faces), tiled if fewer.
+
+    E of random-pixel faces would be atypical. Faces are taken in a seeded shuffle, so a batch
+    mixes identities as a service's batches do.
+    """
     from plugin_service.bundle import sample_faces_path
     from plugin_service.faces import load_face_folder
 
     bundle = load_bundle(bundle_path)
-    faces = load_face_folder(sample_faces_path()).floats(slice(None))
+    face_set = load_face_folder(faces or sample_faces_path())
+    order = torch.randperm(len(face_set), generator=torch.Generator().manual_seed(0))[:n]
     with torch.no_grad():
-        z = bundle.extractor(faces).numpy()
+        z = bundle.extractor(face_set.floats(order)).numpy()
     return np.concatenate([z] * (n // len(z) + 1))[:n]
 
 
@@ -138,7 +143,9 @@ def _flops(engine: Engine, z: np.ndarray, protector: str, params: ProtectorParam
 class Bench:
     """Both engines on one bundle (loaded twice, so channels-last weights never reach the reference)."""
 
-    def __init__(self, bundle_path: Path | None, device: str, settings: EngineSettings, steps: int | None) -> None:
+    def __init__(self, bundle_path: Path | None, device: str, settings: EngineSettings, steps: int | None,
+                 faces: Path | None = None) -> None:
+        self.faces = faces
         self.reference = Engine(load_bundle(bundle_path), device, settings=EngineSettings.reference())
         self.optimised = Engine(load_bundle(bundle_path), device, settings=settings)
         self.bundle_path, self.params = bundle_path, ProtectorParams(steps=steps)
@@ -159,7 +166,7 @@ class Bench:
         return float(min(self.steps, -(-int(np.max(result.steps)) // every) * every))
 
     def compare(self, protector: str, n: int, repeats: int) -> Comparison:
-        z = _features(self.bundle_path, n)
+        z = _features(self.bundle_path, n, self.faces)
         compile_seconds = _timed(lambda: self.run(self.optimised, z, protector))
         runs: dict[str, list[EngineResult]] = {"reference": [], "optimised": []}
         peaks = {"reference": 0, "optimised": 0}
@@ -197,8 +204,9 @@ def _row(c: Comparison, run: EngineRun, peak: float) -> str:
 
 
 def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], repeats: int, steps: int | None,
-                 settings: EngineSettings, protectors: list[str], json_path: Path | None) -> Bench:
-    bench = Bench(bundle_path, device, settings, steps)
+                 settings: EngineSettings, protectors: list[str], json_path: Path | None,
+                 faces: Path | None = None) -> Bench:
+    bench = Bench(bundle_path, device, settings, steps, faces)
     peak = machine_peak_gflops()
     b = bench.reference.bundle
     print(f"bundle {b.version}, {b.manifest.shadow.arch} width {b.manifest.shadow.width}, steps {bench.steps}, "
@@ -241,7 +249,7 @@ def bench_service(bench: Bench, batch: int, batches: int, streams: int = 1) -> t
     from plugin_service.config import ServerSettings
     from plugin_service.server.app import drain_and_stop, start_server
 
-    z = _features(bench.bundle_path, batch)
+    z = _features(bench.bundle_path, batch, bench.faces)
     alone = [_timed(lambda: bench.run(bench.optimised, z, "advface"))]
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

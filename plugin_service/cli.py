@@ -252,7 +252,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         profile_step(args.bundle, args.device, args.batch_sizes, settings)
         return 0
     bench = bench_engine(args.bundle, args.device, args.batch_sizes, args.repeats, args.steps, settings,
-                         args.protectors, args.json)
+                         args.protectors, args.json, args.faces)
     if args.service_batches:
         bench_service(bench, args.batch_sizes[-1], args.service_batches, args.service_streams)
     return 0
@@ -275,6 +275,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        "(optionally) the whole service over gRPC on loopback. Prints measured numbers only.")
     p.add_argument("--bundle", type=Path, help="bundle to benchmark (default: the embedded bundle)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--faces", type=Path, help="LFW-layout face folder whose features are protected, e.g. the dev "
+                   "faces (default: the embedded sample faces, tiled to the batch size)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="faces per batch")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size")
     p.add_argument("--steps", type=int, help="PGD steps (default: the bundle's)")
