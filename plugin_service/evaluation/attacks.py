@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.models.extractor import FACE_SIZE, Extractor
-from plugin_service.models.recognizer import LightHead
 from plugin_service.runtime import minibatches, progress, seed_everything
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, targets) -> per-face loss (N,)
@@ -139,22 +138,15 @@ class EmbeddingStudent(nn.Module):
         return F.normalize(self.net(e), dim=1)
 
 
-def build_student(stored_shape: tuple[int, ...], d_out: int, width: int = 32) -> nn.Module:
-    """A conv student for feature maps (C, H, W), an MLP for embedding vectors (D,)."""
-    if len(stored_shape) == 1:
-        return EmbeddingStudent(stored_shape[0], d_out)
-    return LightHead(stored_shape[0], width, d_out)
-
-
 def train_linkage_student(inputs: torch.Tensor, judge_embeddings: torch.Tensor, epochs: int, device: torch.device,
                           batch_size: int = 32, lr: float = 1e-3, seed: int = 0, desc: str = "linkage") -> nn.Module:
-    """Fits a student from ``inputs`` (N, ...) to unit judge embeddings (N, D) by cosine loss.
+    """Fits an MLP student from embeddings ``inputs`` (N, D_in) to unit judge embeddings (N, D) by cosine loss.
 
     For stored feature maps the inputs are R(stored value), computed once by the caller: the
     attacker holds R, and only the student learns.
     """
     generator = seed_everything(seed)
-    student = build_student(tuple(inputs.shape[1:]), judge_embeddings.shape[1]).to(device)
+    student = EmbeddingStudent(inputs.shape[1], judge_embeddings.shape[1]).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
     target = F.normalize(judge_embeddings.float(), dim=1)
     for epoch in range(epochs):

@@ -32,10 +32,10 @@ metric separately, the maximum over that tier's attacks. *Nothing stored* is the
 public face guessed for everyone: aligned faces share their layout, so it reaches an SSIM (about
 0.5 on LFW) that several attacks on stored values do not, with no identity in it. Whoever holds
 e can ignore it, so the floor cannot be below that guess: *embedding-only or nothing* is the
-better of the two, per metric. The *composed* floor adds one fact the
-direct attacks on e miss: anyone holding e also holds R and resynth's public start (they ship with
-the backend), so it can compute synthesize(e) itself, which equals resynth's stored feature byte
-for byte (tests/test_resynth.py), and run every attack on it. The best attack on e is therefore at
+better of the two, per metric. The *composed* floor adds one fact the direct attacks on e miss:
+anyone holding e also holds R and resynth's public start (they ship with the backend), so it can
+compute synthesize(e) itself, which equals resynth's stored feature byte for byte
+(tests/test_resynth.py), and run every attack on it. The best attack on e is therefore at
 least as strong as the best attack on resynth's storage; where the direct floor attacks score lower
 than those on resynth, the direct attacks on e were the weaker ones, not resynth the leakier.
 """
