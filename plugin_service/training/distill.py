@@ -26,7 +26,7 @@ from torch import nn
 from plugin_service.checkpoint import Checkpointer
 from plugin_service.faces import load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
-from plugin_service.models.recognizer import Recognizer
+from plugin_service.models.recognizer import Recognizer, load_recognizer
 from plugin_service.names import TEACHERS
 from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
 from plugin_service.training.recognizer import pairs_report
@@ -70,6 +70,18 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(student, F.normalize(teacher, dim=1), dim=1)).mean()
 
 
+def _initial_model(cfg: DistillTraining) -> Recognizer:
+    """A fresh student, or --init's weights: a warm restart that spends more epochs on a finished run."""
+    if cfg.init is None:
+        return Recognizer(cfg.spec)
+    model = load_recognizer(cfg.init)
+    if model.spec != cfg.spec:
+        raise ValueError(f"--init {cfg.init} is a {model.spec}, not the {cfg.spec} asked for; "
+                         "give the same --arch, --split, --width and --embedding-dim")
+    log.info("starting from %s", cfg.init)
+    return model
+
+
 def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
                        teacher_name: str | None = None) -> tuple[Recognizer, dict[str, dict[str, float]]]:
     """Trains E + R on the teacher's embeddings; returns the student and its pairs reports.
@@ -92,7 +104,7 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
              cfg.spec.arch, cfg.spec.width, teacher_name, len(faces), len(faces.identities), device)
 
     # channels_last: about 25 % faster convolutions on CPU (measured here), same results.
-    model = Recognizer(cfg.spec).to(device, memory_format=torch.channels_last)
+    model = _initial_model(cfg).to(device, memory_format=torch.channels_last)
     # A learned map when the student's embedding size differs from the teacher's (facenet: 512 vs 128).
     adapter: nn.Module = (nn.Identity() if model.embedding_dim == targets.shape[1]
                           else nn.Linear(model.embedding_dim, targets.shape[1], bias=False)).to(device)
@@ -142,7 +154,7 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     for name, r in reports.items():
         log.info("%s: %s", name, json.dumps(r))
     extra = {"teacher": teacher_name, "data": ",".join(str(d) for d in cfg.data), "epochs": str(cfg.epochs),
-             "seed": str(cfg.seed), "faces": str(len(faces)), "training": json.dumps(asdict(cfg), default=str),
+             "seed": str(cfg.seed), "init": str(cfg.init or ""), "faces": str(len(faces)), "training": json.dumps(asdict(cfg), default=str),
              "reports": json.dumps(reports)}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu().save(cfg.out, extra)

@@ -82,6 +82,9 @@ class DistillTraining(_Spec):
     cache_dir: Path | None = option(None, "distillation: teacher embedding cache, keyed by pixels",
                                     default_help="~/.cache/advface/judge, shared with evaluation")
     limit_per_identity: int | None = option(None, "distillation: at most this many faces per identity")
+    init: Path | None = option(None, "distillation: start from this recogniser's weights (same --arch, --width, "
+                               "--embedding-dim), with a fresh warm-up and cosine schedule",
+                               default_help="random initialisation")
     pairs: Path | None = like(RecognizerTraining, "pairs")
     pairs_root: Path | None = like(RecognizerTraining, "pairs_root")
     report_pairs: tuple[Path, ...] = option((), "distillation: more pairs files scored once at the end "
