@@ -50,6 +50,13 @@ def test_distillation_lowers_student_teacher_distance_and_resumes(tmp_path: Path
     longer = DistillTraining(**{**cfg.__dict__, "epochs": 7})
     resumed, _ = distill_recognizer(longer, teacher=teacher, teacher_name="fake")
     assert _distance(resumed, faces) < before - 0.15
+    # --init starts a new run from the finished weights, not from scratch
+    warm = DistillTraining(**{**cfg.__dict__, "out": tmp_path / "warm.safetensors", "init": cfg.out, "epochs": 1,
+                              "lr": 1e-5})
+    restarted, _ = distill_recognizer(warm, teacher=teacher, teacher_name="fake")
+    assert _distance(restarted, faces) < before - 0.15
+    with pytest.raises(ValueError, match="--init"):
+        distill_recognizer(DistillTraining(**{**warm.__dict__, "width": 16}), teacher=teacher, teacher_name="fake")
 
 
 def test_unknown_or_missing_teacher_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
