@@ -36,14 +36,26 @@ def test_finetune_head_trains_the_head_and_keeps_e_frozen(tmp_path: Path, monkey
     write_face_folder(tmp_path / "public", 3, 4, seed=1)
     extractor = write_bundle(tmp_path / "bundle")
     before = write_recognizer(tmp_path / "rec.safetensors", extractor)
-    args = _parser().parse_args([
+    argv = [
         "finetune-head", "--recognizer", str(tmp_path / "rec.safetensors"), "--bundle", str(tmp_path / "bundle"),
-        "--data", str(tmp_path / "public"), "--out", str(tmp_path / "tuned.safetensors"), "--pgd-steps", "1",
-        "--epochs", "1", "--batch-size", "6", "--lr", "1e-2", "--device", "cpu"])
+        "--data", str(tmp_path / "public"), "--pgd-steps", "1",
+        "--epochs", "1", "--batch-size", "6", "--lr", "1e-2", "--device", "cpu", "--cache-dir", str(tmp_path / "c")]
+    args = _parser().parse_args([*argv, "--out", str(tmp_path / "tuned.safetensors")])
     assert args.func(args) == 0
     assert "12 faces of 3 identities" in capsys.readouterr().out
+    # a second head on the same features reads them from the cache and trains to the same weights
+    assert len(list((tmp_path / "c" / "passes").glob("*.safetensors"))) == 1
+
+    def no_pgd(*_: object, **__: object) -> None:
+        raise AssertionError("the cached features were computed again")
+
+    monkeypatch.setattr("plugin_service.evaluation.finetune.protect_dataset", no_pgd)
+    again = _parser().parse_args([*argv, "--out", str(tmp_path / "again.safetensors")])
+    assert again.func(again) == 0
+    twice = load_recognizer(tmp_path / "again.safetensors").flat_state()
     after = load_recognizer(tmp_path / "tuned.safetensors")
     old, new = before.flat_state(), after.flat_state()
+    assert all(torch.equal(new[k], twice[k]) for k in new)
     for key in extractor.facenet_state():
         assert torch.equal(old[key], new[key]), key  # E is every client's: never touched
     changed = [k for k in old if k.startswith("head.") and k.endswith("weight") and not torch.equal(old[k], new[k])]

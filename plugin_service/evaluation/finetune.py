@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugin_service.bundle import default_recognizer_path, load_bundle
+from plugin_service.bundle import Bundle, default_recognizer_path, load_bundle
+from plugin_service.evaluation.caches import CachedPass, PassCache, tensor_digest
 from plugin_service.evaluation.config import EvaluationError
 from plugin_service.evaluation.data import batch_order, require_same_extractor
 from plugin_service.evaluation.finetune_settings import TARGETS, HeadFinetuning
@@ -33,7 +34,8 @@ from plugin_service.evaluation.passes import make_protector, protect_dataset
 from plugin_service.faces import identity_half, load_face_folders
 from plugin_service.models.extractor import freeze
 from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, load_recognizer
-from plugin_service.runtime import minibatches, pick_device, progress, seed_everything
+from plugin_service.protect.base import Protector
+from plugin_service.runtime import default_cache_dir, minibatches, pick_device, progress, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,31 @@ def _teacher_targets(images: torch.Tensor) -> torch.Tensor:
     return raw - raw.mean(dim=0, keepdim=True)
 
 
+def _protected_features(cfg: HeadFinetuning, bundle: Bundle, images: torch.Tensor, protector: Protector,
+                        device: torch.device) -> torch.Tensor:
+    """The protector's features of every face, from the pass cache when an earlier run made the same ones.
+
+    PGD is nearly all of a head's cost (about 20 min for 2,000 faces here), and heads that differ
+    only in their training (target, epochs, learning rate) read the same features.
+    """
+    order = batch_order(len(images), cfg.seed)
+    root = cfg.cache_dir or default_cache_dir()
+    cache = PassCache(root / "passes" if cfg.resume else None)
+    key = cache.key({"use": "finetune-head", "bundle": bundle.content_hash, "protector": cfg.protector,
+                     "params": protector.params(), "faces": tensor_digest(images), "order": tensor_digest(order),
+                     "batch_size": cfg.batch_size, "seed": cfg.seed, "channels_last": cfg.channels_last,
+                     "device": device.type}) if cache.enabled else None
+    done = cache.load(key) if key is not None else None
+    if done is not None and done.features is not None and len(done.features) == len(images):
+        log.info("%s features of %d faces: from the cache (made by an earlier run)", cfg.protector, len(images))
+        return done.features
+    protected = protect_dataset(images, bundle.extractor, protector, order, cfg.batch_size, device,
+                                desc=f"{cfg.protector} features")
+    if key is not None:
+        cache.save(key, CachedPass({"use": "finetune-head", "faces": len(images)}, {}, protected))
+    return protected
+
+
 def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     """Fine-tunes ``cfg.recognizer``'s head on protected features of ``cfg.data`` and writes ``cfg.out``."""
     generator = seed_everything(cfg.seed)
@@ -73,8 +100,7 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
                                channels_last=cfg.channels_last)
     log.info("fine-tuning the %s head on %s features of %d faces of %d identities (%s)", model.spec.arch,
              cfg.protector, len(faces), len(faces.identities), device)
-    protected = protect_dataset(faces.images, bundle.extractor, protector, batch_order(len(faces), cfg.seed),
-                                cfg.batch_size, device, desc=f"{cfg.protector} features")
+    protected = _protected_features(cfg, bundle, faces.images, protector, device)
     extractor = freeze(model.extractor)
     reference = freeze(copy.deepcopy(model.head))  # the clean R, for target "clean"
     teacher = _teacher_targets(faces.images) if cfg.target == "teacher" else None

@@ -44,6 +44,10 @@ class HeadFinetuning:
     limit_per_identity: int | None = option(None, "read at most this many faces per identity")
     seed: int = option(0, "seed of the initialisation, the batch order and the protectors' noise")
     device: str = option("auto", "auto, cpu or cuda[:N]")
+    resume: bool = option(True, "recompute the protected features instead of loading those an earlier run with the "
+                          "same bundle, protector, faces and seed left in the cache")
+    cache_dir: Path | None = option(None, "cache of protected features (under passes/, beside the trained attackers)",
+                                    default_help="$ADVFACE_CACHE_DIR or ~/.cache/advface/attackers")
 
     @property
     def params(self) -> ProtectorParams:
