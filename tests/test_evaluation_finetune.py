@@ -42,7 +42,8 @@ def test_finetune_head_trains_the_head_and_keeps_e_frozen(tmp_path: Path, monkey
         "--epochs", "1", "--batch-size", "6", "--lr", "1e-2", "--device", "cpu", "--cache-dir", str(tmp_path / "c")]
     args = _parser().parse_args([*argv, "--out", str(tmp_path / "tuned.safetensors")])
     assert args.func(args) == 0
-    assert "12 faces of 3 identities" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "12 faces of 3 identities" in out and "mean cosine to the target on protected features" in out
     # a second head on the same features reads them from the cache and trains to the same weights
     assert len(list((tmp_path / "c" / "passes").glob("*.safetensors"))) == 1
 
@@ -64,6 +65,21 @@ def test_finetune_head_trains_the_head_and_keeps_e_frozen(tmp_path: Path, monkey
         meta = f.metadata()
     assert meta["finetuned_from"] == "rec.safetensors" and meta["finetune_protector"] == "advface"
     assert '"steps": 1' in meta["finetune_params"]
+
+
+@pytest.mark.slow  # trains a head
+def test_finetune_head_by_identity_reports_identity_accuracy(tmp_path: Path) -> None:
+    from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
+
+    write_face_folder(tmp_path / "public", 3, 4, seed=2)
+    extractor = write_bundle(tmp_path / "bundle")
+    write_recognizer(tmp_path / "rec.safetensors", extractor)
+    result = finetune_head(HeadFinetuning(data=(tmp_path / "public",), out=tmp_path / "id.safetensors",
+                                          recognizer=tmp_path / "rec.safetensors", bundle=tmp_path / "bundle",
+                                          target="identity", pgd_steps=1, epochs=1, batch_size=6, device="cpu",
+                                          cache_dir=tmp_path / "c"))
+    assert result.fit_name == "identity accuracy" and 0.0 <= result.fit <= 1.0
+    assert abs(result.fit * 12 - round(result.fit * 12)) < 1e-9  # a count of the 12 protected faces
 
 
 def test_finetune_head_refuses_a_recognizer_with_another_e(tmp_path: Path) -> None:

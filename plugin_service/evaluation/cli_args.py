@@ -65,7 +65,7 @@ def _cmd_finetune_head(args: argparse.Namespace) -> int:
         print(f"advface finetune-head: {e}", file=sys.stderr)
         return 2
     print(f"fine-tuned the head on {result.faces} faces of {result.identities} identities: last epoch loss "
-          f"{result.loss:.3f}, accuracy on protected features {result.train_accuracy:.3f}")
+          f"{result.loss:.3f}, {result.fit_name} on protected features {result.fit:.3f}")
     print(f"wrote {args.out}; pass it to `advface evaluate --finetuned-recognizer` to compare")
     return 0
 
