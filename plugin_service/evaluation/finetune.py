@@ -121,20 +121,19 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
                        total=max(len(faces) // cfg.batch_size, 1), desc=f"head epoch {epoch + 1}/{cfg.epochs}")
         for idx in bar:
             y = faces.labels[idx].to(device)
-            inputs, targets = [protected[idx].float().to(device)], [y]
-            if cfg.clean_mix:
+            clean = None  # E of the clean faces: the mixed-in inputs, and the clean R's input for target "clean"
+            if cfg.clean_mix or cfg.target == "clean":
                 with torch.no_grad():
-                    inputs.append(extractor(faces.floats(idx).to(device)))
-                targets.append(y)
+                    clean = extractor(faces.floats(idx).to(device))
+            inputs = [protected[idx].float().to(device), *([clean] if cfg.clean_mix else [])]
             embedding = model.head(torch.cat(inputs))
             if classifier is not None:
                 logits = classifier(embedding * EMBEDDING_SCALE)
-                loss = F.cross_entropy(logits, torch.cat(targets), label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits, y.repeat(len(inputs)), label_smoothing=cfg.label_smoothing)
                 fit_sum += float((logits[: len(idx)].argmax(1) == y).sum())
             else:
                 with torch.no_grad():
-                    goal = (teacher[idx].to(device) if teacher is not None
-                            else reference(extractor(faces.floats(idx).to(device))))
+                    goal = teacher[idx].to(device) if teacher is not None else reference(clean)
                 goal = F.normalize(goal.float(), dim=1).repeat(len(inputs), 1)
                 cosine = F.cosine_similarity(embedding, goal, dim=1)
                 loss = (1 - cosine).mean()

@@ -154,8 +154,8 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     for name, r in reports.items():
         log.info("%s: %s", name, json.dumps(r))
     extra = {"teacher": teacher_name, "data": ",".join(str(d) for d in cfg.data), "epochs": str(cfg.epochs),
-             "seed": str(cfg.seed), "init": str(cfg.init or ""), "faces": str(len(faces)), "training": json.dumps(asdict(cfg), default=str),
-             "reports": json.dumps(reports)}
+             "seed": str(cfg.seed), "init": str(cfg.init or ""), "faces": str(len(faces)),
+             "training": json.dumps(asdict(cfg), default=str), "reports": json.dumps(reports)}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu().save(cfg.out, extra)
     return model, reports
