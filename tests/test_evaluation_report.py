@@ -180,7 +180,7 @@ def test_a_rerun_resumes_every_finished_pass_and_reports_the_same_numbers(
 
 
 def test_a_pass_keeps_the_stored_features_of_the_kept_faces_in_their_order(tmp_path: Path) -> None:
-    from plugin_service.evaluation.passes import run_pass
+    from plugin_service.evaluation.passes import live, run_pass
     from plugin_service.models.extractor import Extractor
     from plugin_service.protect.baselines import Identity
 
@@ -189,7 +189,7 @@ def test_a_pass_keeps_the_stored_features_of_the_kept_faces_in_their_order(tmp_p
     recognizer = write_recognizer(tmp_path / "r.safetensors", Extractor().eval())
     extractor = recognizer.extractor
     keep = torch.tensor([7, 2, 5])
-    out = run_pass(images, torch.randperm(10), extractor, Identity(), {}, {"r": recognizer}, recognizer, 4,
+    out = run_pass(images, torch.randperm(10), live(extractor, Identity()), {}, {"r": recognizer}, recognizer, 4,
                    torch.device("cpu"), torch.tensor([0]), keep=keep)
     with torch.no_grad():
         expected = extractor(images[keep].float() / 255).to(torch.float16)

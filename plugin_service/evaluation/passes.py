@@ -32,7 +32,7 @@ from plugin_service.bundle import Bundle
 from plugin_service.image_metrics import mse, psnr, ssim
 from plugin_service.models.extractor import FACE_SIZE
 from plugin_service.models.recognizer import Recognizer
-from plugin_service.protect.base import Protector
+from plugin_service.protect.base import Protection, Protector
 from plugin_service.protect.pgd import AdvFace
 from plugin_service.protect.pgd_fast import FastAdvFace
 from plugin_service.protect.registry import ProtectorParams, build_protector
@@ -58,6 +58,14 @@ def make_protector(name: str, bundle: Bundle, params: ProtectorParams, shadow: n
     if shadow is not None:
         raise ValueError(f"protector {name!r} uses no shadow model")
     return build_protector(name, bundle, p, generator=generator)
+
+
+Source = Callable[[torch.Tensor, torch.Tensor], Protection]  # (face indices, faces in [0, 1]) -> what is stored
+
+
+def live(extractor: nn.Module, protector: Protector) -> Source:
+    """The server's path: protector(E(x)). The alternative is a replay of stored features (feature_store)."""
+    return lambda idx, x: protector(extractor(x))
 
 
 def with_eps(params: ProtectorParams, name: str, value: float) -> ProtectorParams:
@@ -117,11 +125,11 @@ class PassOutputs:
 
 
 @torch.no_grad()
-def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, protector: Protector,
+def run_pass(images: torch.Tensor, order: torch.Tensor, protect: Source,
              attackers: Mapping[str, nn.Module], heads: Mapping[str, Recognizer], recognizer: Recognizer,
              batch_size: int, device: torch.device, examples: torch.Tensor, desc: str = "pass",
              keep: torch.Tensor | None = None) -> PassOutputs:
-    """Streams ``images`` (uint8) through E, ``protector``, every attacker and every head.
+    """Streams ``images`` (uint8) through ``protect`` (E and a protector, or a replay), every attacker and every head.
 
     ``order`` fixes which faces share a protector batch; ``examples`` are face indices whose
     reconstructions are kept for the figure. ``recognizer`` embeds reconstructed images for
@@ -145,7 +153,7 @@ def run_pass(images: torch.Tensor, order: torch.Tensor, extractor: nn.Module, pr
     batches = order.split(batch_size)
     for idx in progress(batches, total=len(batches), desc=desc):
         x = images[idx].float().div(255.0).to(device)
-        result = protector(extractor(x))
+        result = protect(idx, x)
         stored = result.features
         if keep is not None:
             if kept_features is None:

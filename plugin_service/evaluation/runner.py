@@ -20,6 +20,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from functools import cached_property
@@ -47,12 +48,14 @@ from plugin_service.evaluation.data import (
     require_same_extractor,
     select_privacy_faces,
 )
-from plugin_service.evaluation.passes import PassOutputs, make_protector, run_pass, with_eps
+from plugin_service.evaluation.feature_store import FeatureStore
+from plugin_service.evaluation.passes import PassOutputs, Source, live, make_protector, run_pass, with_eps
 from plugin_service.evaluation.results import PassRecord, Results, SweepPoint, Tiers
 from plugin_service.evaluation.scoring import replay_attack, summarize
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, embed_images, load_recognizer
 from plugin_service.pairs import EvalFaces, load_eval_faces
+from plugin_service.protect.base import Protector
 from plugin_service.protect.registry import ProtectorParams
 from plugin_service.runtime import pick_device, seed_everything
 from plugin_service.verification import verification_summary, verify
@@ -69,15 +72,19 @@ class PassRunner:
     Passes are memoised on (protector, its resolved parameters, shadow), so the sweep point at
     the main table's eps and the transfer row of the bundle's own shadow cost nothing extra, and
     each pass with the bundle's shadow is also kept in ``pass_cache`` so a restarted run resumes.
+    With ``features`` (``--keep-features``) the main table's passes also keep every face's stored
+    features there, which later runs with other recognisers or attackers replay (feature_store.py).
     Reconstructions of the example faces are kept (outside results.json) for the figure, and the
     stored features of the ``keep`` faces (the tiers' privacy faces) for the tiers.
     """
 
     def __init__(self, cfg: EvaluationConfig, bundle: Bundle, faces: EvalFaces, attackers: dict[str, nn.Module],
                  heads: dict[str, Recognizer], clean: dict[str, torch.Tensor], threshold: float,
-                 device: torch.device, keep: torch.Tensor | None, pass_cache: PassCache) -> None:
+                 device: torch.device, keep: torch.Tensor | None, pass_cache: PassCache,
+                 features: FeatureStore | None = None) -> None:
         self.cfg, self.bundle, self.faces, self.attackers, self.heads = cfg, bundle, faces, attackers, heads
         self.clean, self.threshold, self.device, self.keep, self.pass_cache = clean, threshold, device, keep, pass_cache
+        self.features = features
         self.order = batch_order(len(faces), cfg.seed)
         self.examples = pick_examples(faces.names, cfg.examples)
         self.stored: dict[str, torch.Tensor] = {}  # protector -> stored features of the keep faces, in keep's order
@@ -96,7 +103,22 @@ class PassRunner:
             "attackers": {k: model_digest(m) for k, m in self.attackers.items()},
             "heads": {k: model_digest(m) for k, m in self.heads.items()}, "threshold": self.threshold,
             "channels_last": self.cfg.channels_last, "device": str(self.device), "seed": self.cfg.seed,
+            **({"keep_features": True} if self.features is not None else {}),  # scored on float16-rounded features
         }
+
+    def _source(self, label: str, key: str, protector: Protector, main: bool) -> tuple[Source, Callable[[], None] | None]:
+        """What a pass stores: the protector live, or a replay of the features an earlier run kept, or a recording."""
+        protect = live(self.bundle.extractor, protector)
+        if self.features is None or not main:
+            return protect, None
+        made_by = {k: self._inputs[k] for k in ("bundle", "faces", "order", "batch_size", "channels_last", "device",
+                                                 "seed")}
+        feature_key = self.features.key({**made_by, "pass": key})
+        stored = self.features.load(feature_key, len(self.faces))
+        if stored is not None:
+            log.info("pass: %s reads the features an earlier run stored (the protector does not run)", label)
+            return stored.replay(), None
+        return self.features.recording(feature_key, len(self.faces), protect)
 
     def run(self, name: str, params: ProtectorParams, shadow: nn.Module | None = None,
             shadow_label: str = "bundle") -> PassRecord:
@@ -108,7 +130,8 @@ class PassRunner:
             return self.records[key]
         label = f"{name} {json.dumps(protector.params(), sort_keys=True)}"
         label += f" shadow={shadow_label}" if name == "advface" else ""
-        wants_features = self.keep is not None and shadow is None and params == self.cfg.protector_params()
+        main = shadow is None and params == self.cfg.protector_params()
+        wants_features = self.keep is not None and main
         disk_key = self.pass_cache.key({**self._inputs, "pass": key, "features": wants_features}) \
             if shadow is None and self.pass_cache.enabled else None
         done = self.pass_cache.load(disk_key) if disk_key is not None else None
@@ -116,9 +139,12 @@ class PassRunner:
             log.info("pass: %s, finished by an earlier run (resumed from the cache)", label)
         else:
             log.info("pass: %s", label)
-            out = run_pass(self.faces.images, self.order, self.bundle.extractor, protector, self.attackers, self.heads,
+            protect, finish = self._source(label, key, protector, main)
+            out = run_pass(self.faces.images, self.order, protect, self.attackers, self.heads,
                            self.heads[PRIMARY], self.cfg.batch_size, self.device, self.examples, desc=name,
                            keep=self.keep if wants_features else None)
+            if finish is not None:
+                finish()
             log.info("pass %s took %.1f s", label, out.seconds)
             summary = self._summarise(key, name, protector.params(), shadow_label if name == "advface" else None, out)
             done = CachedPass(dict(summary), {a: o.examples for a, o in out.attacks.items()}, out.features)
@@ -219,8 +245,9 @@ def run_evaluation(cfg: EvaluationConfig) -> Results:
     keep = select_privacy_faces(len(faces), cfg.tier_faces, cfg.seed) if judge is not None else None
     pass_root = cfg.resolved_cache_dir()
     pass_cache = PassCache(pass_root / "passes" if pass_root is not None and cfg.resume else None)
+    features = FeatureStore(pass_root / "features") if cfg.keep_features and pass_root is not None else None
     passes = PassRunner(cfg, bundle, faces, {k: v.model.to(device) for k, v in all_attackers.items()}, heads,
-                        clean, threshold, device, keep, pass_cache)
+                        clean, threshold, device, keep, pass_cache, features)
     main = {name: passes.run(name, base) for name in protectors}
     tradeoff = []
     for name in (p for p in protectors if p in SWEEP_KNOB):
