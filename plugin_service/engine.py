@@ -55,7 +55,8 @@ class Engine:
         if settings.channels_last:
             self.bundle.shadow.to(memory_format=torch.channels_last)
         # One step function per engine: its compilation (once per batch size) outlives each call's protector.
-        self._step = None if settings.is_reference else ShadowStep(self.bundle.shadow, compile=settings.compile)
+        self._step = None if settings.is_reference else ShadowStep(
+            self.bundle.shadow, compile=settings.compile, autocast_dtype=torch.bfloat16 if settings.bf16 else None)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

@@ -4,6 +4,10 @@ The engine builds one :class:`ShadowStep` per bundle and keeps it, because ``tor
 compiles once per input shape (one batch size, fixed for the 40 steps of a batch) and a
 protector is built per call. When compilation is unavailable or fails, the step logs one line
 and runs eagerly from then on; the eager step computes the same function.
+
+With an ``autocast_dtype`` (bfloat16: `advface serve --bf16`) the shadow's forward and backward
+run under autocast in both paths; the per-face loss and the gradient come back as float32, so
+delta, its projection and the stored features stay float32.
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ log = logging.getLogger(__name__)
 
 
 class ShadowLoss(nn.Module):
-    """Per-face mean L1 between S(x) and the target image: (N, C, H, W), (N, 3, 160, 160) -> (N,)."""
+    """Per-face mean L1 between S(x) and the target image: (N, C, H, W), (N, 3, 160, 160) -> (N,) float32.
 
-    def __init__(self, shadow: nn.Module) -> None:
+    The autocast block sits inside the module, so ``torch.compile`` traces it into the graph
+    instead of depending on the caller's autocast state.
+    """
+
+    def __init__(self, shadow: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.shadow = shadow
+        self.shadow, self.autocast_dtype = shadow, autocast_dtype
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.l1_loss(self.shadow(x), target, reduction="none").flatten(1).mean(dim=1)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            per_face = F.l1_loss(self.shadow(x), target, reduction="none").flatten(1).mean(dim=1)
+        return per_face.float()
 
 
 class ShadowStep:
@@ -37,11 +47,13 @@ class ShadowStep:
         shadow (nn.Module): S, frozen; called inside the caller's ``batch_statistics()`` block.
         compile (bool): compile the loss (and, through AOTAutograd, its backward) with ``torch.compile``.
         backend (str | Callable): ``torch.compile`` backend. (Default: 'inductor')
+        autocast_dtype (torch.dtype | None): run the shadow under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``) on the input's device type; None runs it in float32. (Default: None)
     """
 
-    def __init__(self, shadow: nn.Module, compile: bool = True,
-                 backend: str | Callable = "inductor") -> None:
-        self.eager = ShadowLoss(shadow)
+    def __init__(self, shadow: nn.Module, compile: bool = True, backend: str | Callable = "inductor",
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        self.eager = ShadowLoss(shadow, autocast_dtype)
         self.compiled: Callable | None = torch.compile(self.eager, backend=backend, dynamic=False) if compile else None
         self._lock = threading.Lock()
 
