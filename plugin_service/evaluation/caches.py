@@ -1,22 +1,20 @@
 """On-disk caches that make reruns cheap: trained networks and finished protector passes.
 
-Trained attackers and shadows, cached as safetensors under a hash of everything that made them.
+Trained attackers and shadows are cached as safetensors under a SHA-256 of everything that made
+them. Training a reconstruction network is the slowest part of an evaluation and its result is a
+pure function of the recipe (bundle, architecture, sizes, epochs, seed, training images,
+protection): change any field and the network is retrained, change nothing and a rerun loads it
+in a second.
 
-Training a reconstruction network is the slowest part of an evaluation and its result is a pure
-function of the recipe (bundle, architecture, sizes, epochs, seed, training images, protection),
-so the key is a SHA-256 of exactly those fields: change any of them and the network is retrained,
-change nothing and a rerun loads it in a second. Files are safetensors (no pickle), written
-atomically, and a file that fails to load is treated as absent and retrained.
-
-Finished protector passes kept on disk, so an evaluation that stops part-way resumes where it was.
-
-An LFW-scale evaluation protects 7,701 faces with each protector, hours of CPU for AdvFace and
-resynth alone. A pass is a pure function of its inputs (bundle, protector settings, faces and
+Finished protector passes are kept too, so an evaluation that stops part-way resumes where it
+was. An LFW-scale evaluation protects 7,701 faces with each protector, hours of CPU for AdvFace
+and resynth alone. A pass is a pure function of its inputs (bundle, protector settings, faces and
 their batch order, the attackers and recognisers that score it, the device), so its summary, the
 example reconstructions and the stored features the tiers attack are saved under a SHA-256 of
-exactly those inputs: a rerun with the same settings loads each finished pass in seconds, and a
-change to any input recomputes it. Files are safetensors (no pickle), written atomically; a file
-that fails to load is treated as absent.
+exactly those inputs.
+
+Files are safetensors (no pickle), written atomically; a file that fails to load is treated as
+absent and recomputed.
 """
 
 from __future__ import annotations
@@ -86,8 +84,6 @@ class ModelCache:
         os.replace(tmp, path)
         return path
 
-
-log = logging.getLogger(__name__)
 FEATURES = "features"
 EXAMPLE = "example."
 
