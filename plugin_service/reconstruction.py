@@ -24,6 +24,7 @@ from plugin_service.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+ExtraLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (reconstruction, features) -> scalar added to L1
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,13 @@ def validate(model: nn.Module, faces: torch.Tensor, features_of: FeatureFn, devi
 
 def fit_reconstructor(cfg: ReconstructionTraining, n: int, pairs: Callable[[torch.Tensor, torch.Generator],
                       tuple[torch.Tensor, torch.Tensor]], validation: Callable[[nn.Module], ValidationScores],
-                      device: torch.device, desc: str, model: nn.Module | None = None) -> tuple[nn.Module, ValidationScores]:
+                      device: torch.device, desc: str, model: nn.Module | None = None,
+                      extra_loss: ExtraLoss | None = None) -> tuple[nn.Module, ValidationScores]:
     """The one L1 training loop: ``pairs(indices, generator)`` gives each minibatch's (images, features).
 
     ``model`` continues training a given network (a fine-tune, or a decoder that is not a
-    :class:`ShadowSpec` architecture) instead of a fresh ``cfg.spec``.
+    :class:`ShadowSpec` architecture) instead of a fresh ``cfg.spec``. ``extra_loss`` is added to
+    the L1 (the shadow's identity term, training/shadow.py).
     """
     generator = seed_everything(cfg.seed)
     model = (build_shadow(cfg.spec) if model is None else model).to(device)
@@ -93,7 +96,10 @@ def fit_reconstructor(cfg: ReconstructionTraining, n: int, pairs: Callable[[torc
                        total=max(n // cfg.batch_size, 1), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}")
         for idx in bar:
             x, z = pairs(idx, generator)
-            loss = F.l1_loss(model(z), x)
+            recon = model(z)
+            loss = F.l1_loss(recon, x)
+            if extra_loss is not None:
+                loss = loss + extra_loss(recon, z)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -110,7 +116,8 @@ def fit_reconstructor(cfg: ReconstructionTraining, n: int, pairs: Callable[[torc
 
 
 def train_reconstructor(cfg: ReconstructionTraining, train: FaceSet, val: torch.Tensor, features_of: FeatureFn,
-                        device: torch.device, desc: str = "reconstructor") -> tuple[nn.Module, ValidationScores]:
+                        device: torch.device, desc: str = "reconstructor",
+                        extra_loss: ExtraLoss | None = None) -> tuple[nn.Module, ValidationScores]:
     """Trains ``cfg.spec`` on ``train`` (random flips, features computed on the fly)."""
     def pairs(idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = train.floats(idx)
@@ -119,4 +126,5 @@ def train_reconstructor(cfg: ReconstructionTraining, train: FaceSet, val: torch.
         with torch.no_grad():
             return x, features_of(x)
 
-    return fit_reconstructor(cfg, len(train), pairs, lambda m: validate(m, val, features_of, device), device, desc)
+    return fit_reconstructor(cfg, len(train), pairs, lambda m: validate(m, val, features_of, device), device, desc,
+                             extra_loss=extra_loss)

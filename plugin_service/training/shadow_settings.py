@@ -29,6 +29,9 @@ class ShadowTraining:
     batch_size: int = option(32, "faces per training step")
     lr: float = option(1e-4, "Adam learning rate")
     seed: int = option(0, "seed of the initialisation and the batch order")
+    identity_weight: float = option(0.0, "add this times 1 - cos(R(E(S(z))), R(z)) to the L1 loss (E and R from "
+                                    "--extractor, a recogniser .safetensors), so that the round trip E(S(z)) that "
+                                    "AdvFace stores keeps more of the identity")
     device: str = option("auto", "auto, cpu or cuda[:N]")
     split: str = option(DEFAULT_SPLIT, "last layer of E (the default is the paper's)")
     with_recognizer: bool = option(False, "also put R from --extractor (a recogniser .safetensors) into the bundle, "
