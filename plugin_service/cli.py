@@ -301,7 +301,8 @@ def _cmd_shadow_check(args: argparse.Namespace) -> int:
 
     cfg = from_args(args, ShadowCheckSettings)
     recognizer = load_recognizer(cfg.recognizer or default_recognizer_path()).to(pick_device(cfg.device)).eval()
-    rows = [shadow_check(cfg.data, cfg.pairs, bundle, recognizer, cfg.pairs_per_fold, cfg.batch_size, cfg.device)
+    rows = [shadow_check(cfg.data, cfg.pairs, bundle, recognizer, cfg.pairs_per_fold, cfg.batch_size, cfg.device,
+                         channels_last=cfg.channels_last)
             for bundle in (cfg.bundle or (None,))]
     print(f"{rows[0].faces} faces of {cfg.pairs}; accuracy = 10-fold verification, the stored side as given, "
           "the probe clean; s/face = AdvFace at the bundle's settings on this machine")

@@ -103,7 +103,7 @@ def fit_reconstructor(cfg: ReconstructionTraining, n: int, pairs: Callable[[torc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(l1=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         scores = validation(model)
         log.info("%s epoch %d/%d: val L1 %.4f, PSNR %.2f dB, SSIM %.3f", desc, epoch + 1, cfg.epochs,
                  scores.l1, scores.psnr, scores.ssim)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from plugin_service.bundle import sample_faces_path
 from plugin_service.cli import main
 from plugin_service.evaluation.shadow_check import shadow_check
@@ -22,8 +24,10 @@ def _pairs(tmp_path: Path) -> Path:
     return path
 
 
-def test_shadow_check_measures_both_sides(tiny_bundle: Path, tmp_path: Path) -> None:
-    r = shadow_check(sample_faces_path(), _pairs(tmp_path), tiny_bundle, None, None, batch_size=4, device="cpu")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shadow_check_measures_both_sides(tiny_bundle: Path, tmp_path: Path, channels_last: bool) -> None:
+    r = shadow_check(sample_faces_path(), _pairs(tmp_path), tiny_bundle, None, None, batch_size=4, device="cpu",
+                     channels_last=channels_last)
     assert r.faces == 12
     assert all(math.isfinite(v) for v in (r.clean_ssim, r.clean_psnr, r.protected_ssim, r.protected_psnr))
     assert r.loss_gain > 1.0  # PGD ascends the shadow loss

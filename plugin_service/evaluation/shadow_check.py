@@ -21,7 +21,7 @@ from plugin_service.image_metrics import psnr, ssim
 from plugin_service.models.recognizer import Recognizer
 from plugin_service.models.shadow import count_parameters, flops_per_face
 from plugin_service.pairs import load_eval_faces
-from plugin_service.protect import ProtectorParams, build_protector
+from plugin_service.protect import ProtectorParams
 from plugin_service.runtime import pick_device, progress
 from plugin_service.verification import verify
 
@@ -45,13 +45,14 @@ class ShadowCheck:
 
 
 def shadow_check(data: Path, pairs: Path, bundle_path: Path | None, recognizer: Recognizer | None,
-                 pairs_per_fold: int | None, batch_size: int, device: str, seed: int = 0) -> ShadowCheck:
+                 pairs_per_fold: int | None, batch_size: int, device: str, seed: int = 0,
+                 channels_last: bool = False) -> ShadowCheck:
     """One bundle's row, on the faces ``pairs`` names (every pair, or ``pairs_per_fold``)."""
     dev = pick_device(device)
     bundle = load_bundle(bundle_path).to(dev)
     faces = load_eval_faces(data, pairs, pairs_per_fold)
     order = torch.randperm(len(faces), generator=torch.Generator().manual_seed(seed))
-    engine = build_protector("advface", bundle)
+    engine = make_protector("advface", bundle, ProtectorParams(), channels_last=channels_last)
     round_trip = make_protector("advface", bundle, with_eps(ProtectorParams(), "advface", 0.0))  # E(S(z)) alone
     n = len(faces)
     emb: dict[str, torch.Tensor] = {}

@@ -17,4 +17,7 @@ class ShadowCheckSettings:
     pairs_per_fold: int | None = option(None, "only this many matched and mismatched pairs per fold",
                                         default_help="every pair")
     batch_size: int = option(16, "faces per AdvFace call (they share the shadow's batch statistics)")
+    channels_last: bool = option(False, "run AdvFace's PGD on channels-last tensors, as `advface serve "
+                                 "--channels-last` does: the same function up to floating-point reordering, faster "
+                                 "on CPU")
     device: str = option("auto", "auto, cpu or cuda[:N]")
