@@ -41,7 +41,7 @@ from plugin_service.bundle import Manifest, PGDDefaults, save_bundle
 from plugin_service.config import ServerSettings
 from plugin_service.models.extractor import Extractor
 from plugin_service.models.shadow import ShadowSpec, build_shadow
-from plugin_service.server.app import RunningServer, drain_and_stop, start_server
+from plugin_service.server.app import RunningServer, StartupError, drain_and_stop, start_server
 from plugin_service.server.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +97,17 @@ def run_live_server(settings: ServerSettings) -> Iterator[LiveServer]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    metrics = ServiceMetrics()
-    running = asyncio.run_coroutine_threadsafe(start_server(settings, metrics), loop).result(timeout=120)
+    for attempt in range(5):
+        metrics = ServiceMetrics()
+        try:
+            running = asyncio.run_coroutine_threadsafe(start_server(settings, metrics), loop).result(timeout=120)
+            break
+        except StartupError as e:
+            # free_port() released the port before the server bound it, and an ephemeral bind (the
+            # server's own gRPC port 0, a client socket) can take it in between: take another one.
+            if "cannot serve metrics" not in str(e) or attempt == 4:
+                raise
+            settings = replace(settings, metrics_port=free_port())
     live = LiveServer(f"127.0.0.1:{running.port}", f"http://127.0.0.1:{settings.metrics_port}/metrics",
                       metrics, running, loop)
     try:
