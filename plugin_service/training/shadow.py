@@ -39,9 +39,7 @@ def identity_term(recognizer: Recognizer, weight: float) -> ExtraLoss:
     lost to verification before PGD even starts (5.6 points on the dev pairs with an L1-only
     shadow, MODELS.md). Gradients flow through the frozen E and R into S.
     """
-    recognizer = recognizer.eval()
-    for p in recognizer.parameters():
-        p.requires_grad_(False)
+    freeze(recognizer)
 
     def loss(recon: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
