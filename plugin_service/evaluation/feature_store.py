@@ -87,34 +87,44 @@ class FeatureStore:
         The source returns the float16-rounded features, the ones a replay will read.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        partial = self.root / f"{key}.partial.npy"
-        state: dict[str, Any] = {"array": None, "per_face": {}, "seen": torch.zeros(faces, dtype=torch.bool)}
+        recording = _Recording(self.root, key, faces, protect)
+        return recording, recording.finish
 
-        def source(idx: torch.Tensor, x: torch.Tensor) -> Protection:
-            out = protect(idx, x)
-            rounded = out.features.to(torch.float16)
-            if state["array"] is None:
-                state["array"] = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16,
-                                                           shape=(faces, *rounded.shape[1:]))
-            state["array"][idx.numpy()] = rounded.cpu().numpy()
-            for name in PER_FACE:
-                value = getattr(out, name)
-                if value is not None:
-                    column = state["per_face"].setdefault(name, torch.full((faces,), float("nan")))
-                    column[idx] = value.float().cpu()
-            state["seen"][idx] = True
-            out.features = rounded.float()
-            return out
 
-        def finish() -> None:
-            if state["array"] is None or not bool(state["seen"].all()):
-                raise RuntimeError("a pass ended before every face was protected; nothing was stored")
-            state["array"].flush()
-            del state["array"]
-            os.replace(partial, self.root / f"{key}.npy")
-            tmp = self.root / f"{key}.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in state["per_face"].items()}, str(tmp))
-            os.replace(tmp, self.root / f"{key}.safetensors")
-            log.info("stored features of %d faces kept for later runs (%s)", faces, key[:12])
+class _Recording:
+    """One pass being written: the features fill a memory-mapped ``.partial.npy`` as batches come in."""
 
-        return source, finish
+    def __init__(self, root: Path, key: str, faces: int, protect: Source) -> None:
+        self.root, self.key, self.faces, self.protect = root, key, faces, protect
+        self.partial = root / f"{key}.partial.npy"
+        self.array: np.ndarray | None = None  # opened at the first batch, when the feature shape is known
+        self.per_face: dict[str, torch.Tensor] = {}
+        self.seen = torch.zeros(faces, dtype=torch.bool)
+
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor) -> Protection:
+        out = self.protect(idx, x)
+        rounded = out.features.to(torch.float16)
+        if self.array is None:
+            self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float16,
+                                                   shape=(self.faces, *rounded.shape[1:]))
+        self.array[idx.numpy()] = rounded.cpu().numpy()
+        for name in PER_FACE:
+            value = getattr(out, name)
+            if value is not None:
+                column = self.per_face.setdefault(name, torch.full((self.faces,), float("nan")))
+                column[idx] = value.float().cpu()
+        self.seen[idx] = True
+        out.features = rounded.float()
+        return out
+
+    def finish(self) -> None:
+        """Renames the features, then the per-face numbers, into place; refuses an incomplete pass."""
+        if self.array is None or not bool(self.seen.all()):
+            raise RuntimeError("a pass ended before every face was protected; nothing was stored")
+        self.array.flush()
+        self.array = None  # closes the memory map before the rename
+        os.replace(self.partial, self.root / f"{self.key}.npy")
+        tmp = self.root / f"{self.key}.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in self.per_face.items()}, str(tmp))
+        os.replace(tmp, self.root / f"{self.key}.safetensors")
+        log.info("stored features of %d faces kept for later runs (%s)", self.faces, self.key[:12])

@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 def load_extractor(weights: Path, split: str = DEFAULT_SPLIT) -> Extractor:
     """E from a recogniser file written here or from a FaceNet state dict, frozen."""
-    recognizer = load_recognizer(weights)
+    return extractor_at(load_recognizer(weights), split)
+
+
+def extractor_at(recognizer: Recognizer, split: str) -> Extractor:
+    """The recogniser's E cut at ``split`` (a copy when the split differs), frozen."""
     if recognizer.spec.split == split:
         return freeze(recognizer.extractor)
     extractor = Extractor(split)
@@ -52,7 +56,8 @@ def identity_term(recognizer: Recognizer, weight: float) -> ExtraLoss:
 def train_shadow(cfg: ShadowTraining) -> str:
     """Trains S on ``cfg.data`` and writes the bundle; returns its content hash."""
     device = pick_device(cfg.device)
-    extractor = load_extractor(cfg.extractor, cfg.split).to(device)
+    recognizer = load_recognizer(cfg.extractor)
+    extractor = extractor_at(recognizer, cfg.split).to(device)
     faces = load_face_folders(cfg.data)
     names = identity_half(faces.identities, cfg.half)
     faces = faces.subset(names)
@@ -62,8 +67,7 @@ def train_shadow(cfg: ShadowTraining) -> str:
     spec = ShadowSpec(cfg.arch, cfg.width, cfg.depth, *extractor.feature_shape()[:2])
     log.info("training %s shadow (width %d, depth %d) on %d faces of %d identities (%s half), E from %s",
              spec.arch, spec.width, spec.depth, len(train), len(names), cfg.half, cfg.extractor)
-    extra = identity_term(load_recognizer(cfg.extractor).to(device), cfg.identity_weight) \
-        if cfg.identity_weight > 0 else None
+    extra = identity_term(recognizer.to(device), cfg.identity_weight) if cfg.identity_weight > 0 else None
     shadow, scores = train_reconstructor(
         ReconstructionTraining(spec, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed, checkpoint=cfg.out),
         train, val, extractor, device, desc=f"shadow {spec.arch}", extra_loss=extra)
