@@ -69,3 +69,35 @@ def test_unknown_or_missing_teacher_is_a_clear_error(monkeypatch: pytest.MonkeyP
             build_teacher("dlib")
     finally:
         dlib_resnet._import_dlib.cache_clear()
+
+
+@pytest.mark.slow  # trains three small students
+def test_warm_restarts_in_one_command_equal_the_chained_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = DistillTraining(data=(sample_faces_path(),), out=tmp_path / "one.safetensors", width=8, embedding_dim=16,
+                           epochs=2, batch_size=8, lr=1e-2, warmup_steps=1, cache_dir=tmp_path / "cache",
+                           device="cpu")
+    one = DistillTraining(**{**base.__dict__, "restarts": 1, "restart_epochs": 1, "restart_lr": 5e-3})
+    distill_recognizer(one, teacher=teacher, teacher_name="fake")
+    first = DistillTraining(**{**base.__dict__, "out": tmp_path / "first.safetensors"})
+    distill_recognizer(first, teacher=teacher, teacher_name="fake")
+    second = DistillTraining(**{**base.__dict__, "out": tmp_path / "second.safetensors", "init": first.out,
+                                "epochs": 1, "lr": 5e-3})
+    distill_recognizer(second, teacher=teacher, teacher_name="fake")
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return load_recognizer(path).state_dict()
+
+    stage1 = tmp_path / "one-stage1.safetensors"
+    for mine, chained in ((stage1, first.out), (one.out, second.out)):
+        a, b = weights(mine), weights(chained)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mine.name
+    assert not all(torch.equal(v, weights(stage1)[k]) for k, v in weights(one.out).items())  # the restart trained
+    # a rerun after losing the last stage skips the finished first stage and redoes the same restart
+    one.out.unlink()
+    Path(str(one.out) + ".ckpt").unlink()
+    with caplog.at_level("INFO", logger="plugin_service.training.distill"):
+        distill_recognizer(one, teacher=teacher, teacher_name="fake")
+    assert "stage 1/2: " in caplog.text and "exists" in caplog.text
+    assert all(torch.equal(v, weights(second.out)[k]) for k, v in weights(one.out).items())
+    with pytest.raises(ValueError, match="--restarts"):
+        _ = DistillTraining(**{**base.__dict__, "restarts": -1}).stages

@@ -17,14 +17,14 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from plugin_service.checkpoint import Checkpointer
-from plugin_service.faces import load_face_folders
+from plugin_service.faces import FaceSet, load_face_folders
 from plugin_service.judge import EmbeddingCache, load_judge
 from plugin_service.models.recognizer import Recognizer, load_recognizer
 from plugin_service.names import TEACHERS
@@ -84,14 +84,18 @@ def _initial_model(cfg: DistillTraining) -> Recognizer:
 
 def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
                        teacher_name: str | None = None) -> tuple[Recognizer, dict[str, dict[str, float]]]:
-    """Trains E + R on the teacher's embeddings; returns the student and its pairs reports.
+    """Trains E + R on the teacher's embeddings, stage by stage; returns the student and its pairs reports.
 
-    ``teacher`` replaces the named one (tests use a cheap deterministic function).
+    Each warm restart (``--restarts``) is exactly a new run with ``--init`` set to the previous
+    stage's weights file: it reseeds, starts a fresh optimiser and schedule, and reads the weights
+    back from that file. So one command gives the weights the chained commands give, and a rerun
+    skips every stage whose file exists. ``teacher`` replaces the named one (tests use a cheap
+    deterministic function).
     """
     if teacher is None:
         teacher_name, teacher = build_teacher(cfg.teacher)
     assert teacher_name is not None, "a custom teacher needs a name for its embedding cache"
-    generator = seed_everything(cfg.seed)
+    stages = cfg.stages
     device = pick_device(cfg.device)
     faces = load_face_folders(cfg.data, cfg.limit_per_identity)
     cache = EmbeddingCache(cfg.cache_dir or judge_cache_dir(), teacher_name)
@@ -100,9 +104,32 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     # have cosine ~0.8), so without centring a student that outputs the mean direction already
     # scores cos 0.8 and learns little identity. Distances, and so the teacher's decisions, are unchanged.
     targets = raw - raw.mean(dim=0, keepdim=True)
-    log.info("distilling %s (%s head, width %d) from %s on %d faces of %d identities (%s)", cfg.out.name,
-             cfg.spec.arch, cfg.spec.width, teacher_name, len(faces), len(faces.identities), device)
+    log.info("distilling %s (%s head, width %d) from %s on %d faces of %d identities (%s), %d stage(s)",
+             cfg.out.name, cfg.spec.arch, cfg.spec.width, teacher_name, len(faces), len(faces.identities), device,
+             len(stages))
+    init = cfg.init
+    for number, (epochs, lr, out) in enumerate(stages, 1):
+        stage = replace(cfg, epochs=epochs, lr=lr, out=out, init=init)
+        init = out
+        if out != cfg.out and out.is_file():
+            log.info("stage %d/%d: %s exists, so it starts the next stage", number, len(stages), out)
+            continue
+        label = f"stage {number}/{len(stages)}, " if len(stages) > 1 else ""
+        model = _train_stage(stage, faces, targets, device, label)
+        if out != cfg.out:
+            _save(model, stage, teacher_name, len(faces), {})
+    model.eval()
+    reports = {str(p): pairs_report(model, p, root, device) for p, root in cfg.report}
+    for name, r in reports.items():
+        log.info("%s: %s", name, json.dumps(r))
+    _save(model, stage, teacher_name, len(faces), reports)
+    return model, reports
 
+
+def _train_stage(cfg: DistillTraining, faces: FaceSet, targets: torch.Tensor, device: torch.device,
+                 label: str) -> Recognizer:
+    """One run of the recipe (seed, fresh optimiser, warm-up + cosine schedule), resumable from its checkpoint."""
+    generator = seed_everything(cfg.seed)
     # channels_last: about 25 % faster convolutions on CPU (measured here), same results.
     model = _initial_model(cfg).to(device, memory_format=torch.channels_last)
     # A learned map when the student's embedding size differs from the teacher's (facenet: 512 vs 128).
@@ -123,12 +150,11 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     ckpt = Checkpointer(cfg.out)
     start = ckpt.restore(generator, model=model, adapter=adapter, classifier=classifier, optimizer=optimizer,
                          scheduler=scheduler)
-    history: list[dict[str, float]] = []
     for epoch in range(start, cfg.epochs):
         model.train()
         seen, loss_sum = 0, 0.0
         bar = progress(minibatches(len(faces), cfg.batch_size, generator, drop_last=True),
-                       total=steps_per_epoch, desc=f"distil epoch {epoch + 1}/{cfg.epochs}")
+                       total=steps_per_epoch, desc=f"distil {label}epoch {epoch + 1}/{cfg.epochs}")
         for idx in bar:
             x = augment(faces.floats(idx), generator).to(device).contiguous(memory_format=torch.channels_last)
             embedding = model(x)
@@ -147,15 +173,15 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
         entry = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
         if cfg.monitor is not None:
             entry["monitor_accuracy"] = pairs_report(model, *cfg.monitor, device)["accuracy"]
-        history.append(entry)
-        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, json.dumps(entry))
-    model.eval()
-    reports = {str(p): pairs_report(model, p, root, device) for p, root in cfg.report}
-    for name, r in reports.items():
-        log.info("%s: %s", name, json.dumps(r))
+        log.info("%sepoch %d/%d: %s", label, epoch + 1, cfg.epochs, json.dumps(entry))
+    return model
+
+
+def _save(model: Recognizer, cfg: DistillTraining, teacher_name: str, faces: int,
+          reports: dict[str, dict[str, float]]) -> None:
+    """Writes the stage's weights with what made them (the stage's own epochs, lr and --init) and its reports."""
     extra = {"teacher": teacher_name, "data": ",".join(str(d) for d in cfg.data), "epochs": str(cfg.epochs),
-             "seed": str(cfg.seed), "init": str(cfg.init or ""), "faces": str(len(faces)),
+             "seed": str(cfg.seed), "init": str(cfg.init or ""), "faces": str(faces),
              "training": json.dumps(asdict(cfg), default=str), "reports": json.dumps(reports)}
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     model.cpu().save(cfg.out, extra)
-    return model, reports

@@ -85,11 +85,28 @@ class DistillTraining(_Spec):
     init: Path | None = option(None, "distillation: start from this recogniser's weights (same --arch, --width, "
                                "--embedding-dim), with a fresh warm-up and cosine schedule",
                                default_help="random initialisation")
+    restarts: int = option(0, "distillation: after --epochs, this many warm restarts, each --restart-epochs long with "
+                           "a fresh optimiser, warm-up and cosine schedule at --restart-lr: the same weights as "
+                           "chaining runs with --init, in one command; each earlier stage's weights are kept beside --out "
+                           "as <name>-stageN.safetensors, and a rerun resumes at the first unfinished stage")
+    restart_epochs: int = option(16, "distillation: epochs of each warm restart")
+    restart_lr: float = option(1e-3, "distillation: peak learning rate of each warm restart")
     pairs: Path | None = like(RecognizerTraining, "pairs")
     pairs_root: Path | None = like(RecognizerTraining, "pairs_root")
     report_pairs: tuple[Path, ...] = option((), "distillation: more pairs files scored once at the end "
                                             "(e.g. LFW's pairs.txt)")
     report_roots: tuple[Path, ...] = option((), "folders of --report-pairs", default_help="next to each")
+
+    @property
+    def stages(self) -> tuple[tuple[int, float, Path], ...]:
+        """(epochs, peak lr, weights file) of the first run and of each warm restart; the last one writes --out."""
+        if self.restarts < 0 or (self.restarts and self.restart_epochs < 1):
+            raise ValueError(f"--restarts must be >= 0 and --restart-epochs >= 1, got {self.restarts} and "
+                             f"{self.restart_epochs}")
+        last = self.restarts
+        return tuple((self.epochs if i == 0 else self.restart_epochs, self.lr if i == 0 else self.restart_lr,
+                      self.out if i == last else self.out.with_name(f"{self.out.stem}-stage{i + 1}{self.out.suffix}"))
+                     for i in range(last + 1))
 
     @property
     def monitor(self) -> tuple[Path, Path] | None:
