@@ -84,20 +84,52 @@ def test_warm_restarts_in_one_command_equal_the_chained_runs(tmp_path: Path, cap
                                 "epochs": 1, "lr": 5e-3})
     distill_recognizer(second, teacher=teacher, teacher_name="fake")
 
-    def weights(path: Path) -> dict[str, torch.Tensor]:
-        return load_recognizer(path).state_dict()
-
-    stage1 = tmp_path / "one-stage1.safetensors"
-    for mine, chained in ((stage1, first.out), (one.out, second.out)):
-        a, b = weights(mine), weights(chained)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), mine.name
-    assert not all(torch.equal(v, weights(stage1)[k]) for k, v in weights(one.out).items())  # the restart trained
+    stage1, stage2 = tmp_path / "one-stage1.safetensors", tmp_path / "one-stage2.safetensors"
+    for mine, chained in ((stage1, first.out), (stage2, second.out), (one.out, second.out)):
+        assert _same(mine, chained), mine.name
+    assert not _same(stage1, stage2)  # the restart trained
     # a rerun after losing the last stage skips the finished first stage and redoes the same restart
+    stage2.unlink()
+    Path(str(stage2) + ".ckpt").unlink()
     one.out.unlink()
-    Path(str(one.out) + ".ckpt").unlink()
     with caplog.at_level("INFO", logger="plugin_service.training.distill"):
         distill_recognizer(one, teacher=teacher, teacher_name="fake")
-    assert "stage 1/2: " in caplog.text and "exists" in caplog.text
-    assert all(torch.equal(v, weights(second.out)[k]) for k, v in weights(one.out).items())
-    with pytest.raises(ValueError, match="--restarts"):
-        _ = DistillTraining(**{**base.__dict__, "restarts": -1}).stages
+    assert "stage 1/2: " in caplog.text and "not trained again" in caplog.text
+    assert _same(one.out, second.out)
+    # averaging the two stages, and measuring BatchNorm again, reuses both stage files (nothing trains)
+    averaged = DistillTraining(**{**one.__dict__, "average_stages": 2, "bn_faces": 16})
+    distill_recognizer(averaged, teacher=teacher, teacher_name="fake")
+    a, b, mean = _weights(stage1), _weights(stage2), _weights(one.out)
+    conv = next(k for k in mean if k.endswith("weight") and mean[k].dim() == 4)
+    assert torch.allclose(mean[conv], (a[conv] + b[conv]) / 2)
+    assert not torch.equal(mean[conv], b[conv])
+    for bad in ({"restarts": -1}, {"restarts": 1, "average_stages": 3}, {"bn_faces": -1}):
+        with pytest.raises(ValueError, match="--restarts|--average-stages"):
+            _ = DistillTraining(**{**base.__dict__, **bad}).stages
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_recognizer(path).state_dict()
+
+
+def _same(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_batch_norm_recalibration_measures_the_mean_of_un_augmented_faces() -> None:
+    from plugin_service.models.recognizer import Recognizer, RecognizerSpec
+    from plugin_service.training.stage_average import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = Recognizer(RecognizerSpec(arch="light", width=8, embedding_dim=16))
+    faces = load_face_folders(sample_faces_path())
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first.running_mean.fill_(100.0)  # stale statistics
+    seen: list[torch.Tensor] = []
+    hook = first.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach()))
+    recalibrate_batch_norm(model, faces, count=len(faces), batch_size=len(faces), seed=0, device=torch.device("cpu"))
+    hook.remove()
+    assert len(seen) == 1 and not model.training and not first.training
+    assert torch.allclose(first.running_mean, seen[0].mean(dim=(0, 2, 3)), atol=1e-5)
+    assert first.momentum == 0.1

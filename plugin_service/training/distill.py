@@ -31,6 +31,7 @@ from plugin_service.names import TEACHERS
 from plugin_service.runtime import judge_cache_dir, minibatches, pick_device, progress, seed_everything
 from plugin_service.training.recognizer import pairs_report
 from plugin_service.training.recognizer_settings import DistillTraining
+from plugin_service.training.stage_average import average_recognizers, recalibrate_batch_norm
 
 log = logging.getLogger(__name__)
 Teacher = Callable[[torch.Tensor], torch.Tensor]  # uint8 faces (N, 3, 160, 160) -> (N, D)
@@ -89,7 +90,9 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     Each warm restart (``--restarts``) is exactly a new run with ``--init`` set to the previous
     stage's weights file: it reseeds, starts a fresh optimiser and schedule, and reads the weights
     back from that file. So one command gives the weights the chained commands give, and a rerun
-    skips every stage whose file exists. ``teacher`` replaces the named one (tests use a cheap
+    skips every stage whose file exists. With restarts, --out is the mean of the last
+    ``average_stages`` stages (one: the last stage itself); ``bn_faces`` then measures BatchNorm's
+    statistics again (``stage_average.py``). ``teacher`` replaces the named one (tests use a cheap
     deterministic function).
     """
     if teacher is None:
@@ -112,17 +115,23 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
         stage = replace(cfg, epochs=epochs, lr=lr, out=out, init=init)
         init = out
         if out != cfg.out and out.is_file():
-            log.info("stage %d/%d: %s exists, so it starts the next stage", number, len(stages), out)
+            log.info("stage %d/%d: %s exists, so it is not trained again", number, len(stages), out)
             continue
         label = f"stage {number}/{len(stages)}, " if len(stages) > 1 else ""
         model = _train_stage(stage, faces, targets, device, label)
         if out != cfg.out:
             _save(model, stage, teacher_name, len(faces), {})
-    model.eval()
+    if len(stages) > 1:
+        averaged = [out for _, _, out in stages[-cfg.average_stages:]]
+        log.info("--out is the mean of %s", ", ".join(p.name for p in averaged))
+        model = average_recognizers(averaged)
+    if cfg.bn_faces > 0:
+        recalibrate_batch_norm(model, faces, cfg.bn_faces, cfg.batch_size, cfg.seed, device)
+    model.to(device).eval()
     reports = {str(p): pairs_report(model, p, root, device) for p, root in cfg.report}
     for name, r in reports.items():
         log.info("%s: %s", name, json.dumps(r))
-    _save(model, stage, teacher_name, len(faces), reports)
+    _save(model, cfg, teacher_name, len(faces), reports)
     return model, reports
 
 

@@ -87,10 +87,14 @@ class DistillTraining(_Spec):
                                default_help="random initialisation")
     restarts: int = option(0, "distillation: after --epochs, this many warm restarts, each --restart-epochs long with "
                            "a fresh optimiser, warm-up and cosine schedule at --restart-lr: the same weights as "
-                           "chaining runs with --init, in one command; each earlier stage's weights are kept beside --out "
-                           "as <name>-stageN.safetensors, and a rerun resumes at the first unfinished stage")
+                           "chaining runs with --init, in one command; each stage's weights are kept beside --out as "
+                           "<name>-stageN.safetensors, and a rerun resumes at the first unfinished stage")
     restart_epochs: int = option(16, "distillation: epochs of each warm restart")
     restart_lr: float = option(1e-3, "distillation: peak learning rate of each warm restart")
+    average_stages: int = option(1, "distillation with --restarts: --out is the mean of the last this many stages' "
+                                 "weights (1: the last stage's own)")
+    bn_faces: int = option(0, "distillation: at the end, measure every BatchNorm's statistics again on this many "
+                           "un-augmented training faces (0: keep training's running averages)")
     pairs: Path | None = like(RecognizerTraining, "pairs")
     pairs_root: Path | None = like(RecognizerTraining, "pairs_root")
     report_pairs: tuple[Path, ...] = option((), "distillation: more pairs files scored once at the end "
@@ -99,14 +103,22 @@ class DistillTraining(_Spec):
 
     @property
     def stages(self) -> tuple[tuple[int, float, Path], ...]:
-        """(epochs, peak lr, weights file) of the first run and of each warm restart; the last one writes --out."""
+        """(epochs, peak lr, weights file) of the first run and of each warm restart.
+
+        Without restarts the one stage writes --out; with them every stage writes its own file and
+        --out is made from the last ``average_stages`` of them.
+        """
         if self.restarts < 0 or (self.restarts and self.restart_epochs < 1):
             raise ValueError(f"--restarts must be >= 0 and --restart-epochs >= 1, got {self.restarts} and "
                              f"{self.restart_epochs}")
-        last = self.restarts
+        if not 1 <= self.average_stages <= self.restarts + 1 or self.bn_faces < 0:
+            raise ValueError(f"--average-stages must be between 1 and --restarts + 1 ({self.restarts + 1}) and "
+                             f"--bn-faces >= 0, got {self.average_stages} and {self.bn_faces}")
+        if not self.restarts:
+            return ((self.epochs, self.lr, self.out),)
         return tuple((self.epochs if i == 0 else self.restart_epochs, self.lr if i == 0 else self.restart_lr,
-                      self.out if i == last else self.out.with_name(f"{self.out.stem}-stage{i + 1}{self.out.suffix}"))
-                     for i in range(last + 1))
+                      self.out.with_name(f"{self.out.stem}-stage{i + 1}{self.out.suffix}"))
+                     for i in range(self.restarts + 1))
 
     @property
     def monitor(self) -> tuple[Path, Path] | None:
