@@ -188,7 +188,7 @@ def _train_stage(cfg: DistillTraining, faces: FaceSet, targets: torch.Tensor, de
 
 def _save(model: Recognizer, cfg: DistillTraining, teacher_name: str, faces: int,
           reports: dict[str, dict[str, float]]) -> None:
-    """Writes the stage's weights with what made them (the stage's own epochs, lr and --init) and its reports."""
+    """Writes ``cfg.out`` with what made it (a stage's epochs, lr and --init, or the whole command) and reports."""
     extra = {"teacher": teacher_name, "data": ",".join(str(d) for d in cfg.data), "epochs": str(cfg.epochs),
              "seed": str(cfg.seed), "init": str(cfg.init or ""), "faces": str(faces),
              "training": json.dumps(asdict(cfg), default=str), "reports": json.dumps(reports)}

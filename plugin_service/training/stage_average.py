@@ -50,6 +50,7 @@ def recalibrate_batch_norm(model: Recognizer, faces: FaceSet, count: int, batch_
     """Replaces every BatchNorm's running statistics by their exact mean over ``count`` seeded training faces."""
     index = torch.randperm(len(faces), generator=torch.Generator().manual_seed(seed))[:count]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
     model.to(device, memory_format=torch.channels_last).eval()
     for norm in norms:
         norm.reset_running_stats()
@@ -58,8 +59,8 @@ def recalibrate_batch_norm(model: Recognizer, faces: FaceSet, count: int, batch_
     with torch.no_grad():
         for start in range(0, len(index), batch_size):
             model(faces.floats(index[start:start + batch_size]).to(device).contiguous(memory_format=torch.channels_last))
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
     model.eval()
     log.info("BatchNorm statistics of %d layers measured again on %d un-augmented training faces", len(norms),
              len(index))
