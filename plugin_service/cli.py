@@ -34,7 +34,12 @@ def _cmd_train_recognizer(args: argparse.Namespace) -> int:
     if args.teacher:
         from plugin_service.training.distill import distill_recognizer
 
-        distill_recognizer(from_args(args, DistillTraining))
+        try:
+            cfg = from_args(args, DistillTraining).validate()
+        except ValueError as e:
+            print(f"advface train-recognizer: {e}", file=sys.stderr)
+            return 2
+        distill_recognizer(cfg)
     else:
         from plugin_service.training.recognizer import train_recognizer
 

@@ -71,6 +71,16 @@ def test_unknown_or_missing_teacher_is_a_clear_error(monkeypatch: pytest.MonkeyP
         dlib_resnet._import_dlib.cache_clear()
 
 
+def test_impossible_stage_flags_exit_2_before_anything_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from plugin_service.cli import main
+
+    code = main(["train-recognizer", "--teacher", "dlib", "--data", str(tmp_path / "absent"),
+                 "--out", str(tmp_path / "r.safetensors"), "--restarts", "1", "--average-stages", "3"])
+    assert code == 2
+    assert "--average-stages must be between 1 and --restarts + 1 (2)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow  # trains three small students
 def test_warm_restarts_in_one_command_equal_the_chained_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     base = DistillTraining(data=(sample_faces_path(),), out=tmp_path / "one.safetensors", width=8, embedding_dim=16,
@@ -105,7 +115,7 @@ def test_warm_restarts_in_one_command_equal_the_chained_runs(tmp_path: Path, cap
     assert not torch.equal(mean[conv], b[conv])
     for bad in ({"restarts": -1}, {"restarts": 1, "average_stages": 3}, {"bn_faces": -1}):
         with pytest.raises(ValueError, match="--restarts|--average-stages"):
-            _ = DistillTraining(**{**base.__dict__, **bad}).stages
+            DistillTraining(**{**base.__dict__, **bad}).validate()
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -133,3 +143,33 @@ def test_batch_norm_recalibration_measures_the_mean_of_un_augmented_faces() -> N
     assert len(seen) == 1 and not model.training and not first.training
     assert torch.allclose(first.running_mean, seen[0].mean(dim=(0, 2, 3)), atol=1e-5)
     assert first.momentum == 0.1
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow  # trains two small students
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming restores every RNG the epochs draw from, dropout's global one included: bit-identical weights."""
+    from plugin_service.checkpoint import Checkpointer
+
+    base = DistillTraining(data=(sample_faces_path(),), out=tmp_path / "straight.safetensors", width=8,
+                           embedding_dim=16, epochs=3, batch_size=8, lr=1e-2, warmup_steps=1,
+                           cache_dir=tmp_path / "cache", device="cpu")
+    distill_recognizer(base, teacher=teacher, teacher_name="fake")
+    cut = DistillTraining(**{**base.__dict__, "out": tmp_path / "cut.safetensors"})
+    save = Checkpointer.save
+
+    def save_then_stop(self: Checkpointer, epoch: int, *args: object, **kwargs: object) -> None:
+        save(self, epoch, *args, **kwargs)
+        if epoch == 0:
+            raise _Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save", save_then_stop)
+        with pytest.raises(_Interrupted):
+            distill_recognizer(cut, teacher=teacher, teacher_name="fake")
+    torch.manual_seed(1234)  # whatever the process drew in between must not matter
+    distill_recognizer(cut, teacher=teacher, teacher_name="fake")
+    assert _same(base.out, cut.out)

@@ -95,6 +95,7 @@ def distill_recognizer(cfg: DistillTraining, teacher: Teacher | None = None,
     statistics again (``stage_average.py``). ``teacher`` replaces the named one (tests use a cheap
     deterministic function).
     """
+    cfg.validate()
     if teacher is None:
         teacher_name, teacher = build_teacher(cfg.teacher)
     assert teacher_name is not None, "a custom teacher needs a name for its embedding cache"

@@ -101,6 +101,16 @@ class DistillTraining(_Spec):
                                             "(e.g. LFW's pairs.txt)")
     report_roots: tuple[Path, ...] = option((), "folders of --report-pairs", default_help="next to each")
 
+    def validate(self) -> DistillTraining:
+        """Refuses stage settings that cannot run, before the teacher or any face is loaded."""
+        if self.restarts < 0 or (self.restarts and self.restart_epochs < 1):
+            raise ValueError(f"--restarts must be >= 0 and --restart-epochs >= 1, got {self.restarts} and "
+                             f"{self.restart_epochs}")
+        if not 1 <= self.average_stages <= self.restarts + 1 or self.bn_faces < 0:
+            raise ValueError(f"--average-stages must be between 1 and --restarts + 1 ({self.restarts + 1}) and "
+                             f"--bn-faces >= 0, got {self.average_stages} and {self.bn_faces}")
+        return self
+
     @property
     def stages(self) -> tuple[tuple[int, float, Path], ...]:
         """(epochs, peak lr, weights file) of the first run and of each warm restart.
@@ -108,12 +118,6 @@ class DistillTraining(_Spec):
         Without restarts the one stage writes --out; with them every stage writes its own file and
         --out is made from the last ``average_stages`` of them.
         """
-        if self.restarts < 0 or (self.restarts and self.restart_epochs < 1):
-            raise ValueError(f"--restarts must be >= 0 and --restart-epochs >= 1, got {self.restarts} and "
-                             f"{self.restart_epochs}")
-        if not 1 <= self.average_stages <= self.restarts + 1 or self.bn_faces < 0:
-            raise ValueError(f"--average-stages must be between 1 and --restarts + 1 ({self.restarts + 1}) and "
-                             f"--bn-faces >= 0, got {self.average_stages} and {self.bn_faces}")
         if not self.restarts:
             return ((self.epochs, self.lr, self.out),)
         return tuple((self.epochs if i == 0 else self.restart_epochs, self.lr if i == 0 else self.restart_lr,
