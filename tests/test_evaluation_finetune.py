@@ -82,6 +82,30 @@ def test_finetune_head_by_identity_reports_identity_accuracy(tmp_path: Path) -> 
     assert abs(result.fit * 12 - round(result.fit * 12)) < 1e-9  # a count of the 12 protected faces
 
 
+@pytest.mark.slow  # trains a head
+@pytest.mark.parametrize("freeze_batch_norm", [False, True])
+def test_finetune_head_keeps_batch_norm_statistics_only_when_asked(tmp_path: Path, freeze_batch_norm: bool) -> None:
+    from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
+
+    write_face_folder(tmp_path / "public", 3, 4, seed=3)
+    extractor = write_bundle(tmp_path / "bundle")
+    old = write_recognizer(tmp_path / "rec.safetensors", extractor).flat_state()
+    finetune_head(HeadFinetuning(data=(tmp_path / "public",), out=tmp_path / "bn.safetensors",
+                                 recognizer=tmp_path / "rec.safetensors", bundle=tmp_path / "bundle", pgd_steps=1,
+                                 epochs=1, batch_size=6, lr=1e-2, device="cpu", cache_dir=tmp_path / "c",
+                                 freeze_batch_norm=freeze_batch_norm))
+    new = load_recognizer(tmp_path / "bn.safetensors").flat_state()
+    statistics = [k for k in old if k.startswith("head.") and k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in old if k.startswith("head.") and k.endswith("weight")]
+    assert statistics and weights
+    assert any(not torch.equal(old[k], new[k]) for k in weights), "the head did not train"
+    kept = [torch.equal(old[k], new[k]) for k in statistics]
+    assert all(kept) if freeze_batch_norm else not any(kept)
+    with safe_open(str(tmp_path / "bn.safetensors"), framework="pt") as f:
+        assert f.metadata()["finetune_freeze_batch_norm"] == str(freeze_batch_norm)
+
+
+
 def test_finetune_head_refuses_a_recognizer_with_another_e(tmp_path: Path) -> None:
     from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
 

@@ -15,7 +15,7 @@ import torch
 from plugin_service.evaluation.caches import ModelCache
 from plugin_service.evaluation.config import EvaluationConfig
 from plugin_service.evaluation.report import FIGURES, REPORT, RESULTS, _clean, fmt
-from plugin_service.evaluation.runner import run_evaluation
+from plugin_service.evaluation.runner import run_evaluation, utility_views
 from plugin_service.faces import split_identities
 from plugin_service.image_metrics import psnr
 from plugin_service.models.recognizer import load_recognizer
@@ -28,6 +28,16 @@ from tests.synthetic_data import (
     write_pairs,
     write_recognizer,
 )
+
+
+HEAD_COLUMNS = ("recognizer", "finetuned", "finetuned stored side")
+
+
+def test_the_stored_side_head_column_pairs_the_fine_tuned_head_with_original_probes() -> None:
+    assert utility_views(["recognizer"]) == {"recognizer": ("recognizer", "recognizer")}
+    assert utility_views(["recognizer", "finetuned"]) == {
+        "recognizer": ("recognizer", "recognizer"), "finetuned": ("finetuned", "finetuned"),
+        "finetuned stored side": ("finetuned", "recognizer")}
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +96,13 @@ def test_the_report_shows_every_main_number(run: tuple[EvaluationConfig, dict]) 
     cfg, results = run
     report = (cfg.out / REPORT).read_text()
     assert fmt(results["threshold"], "threshold") in report
-    for head in ("recognizer", "finetuned"):
+    assert list(results["clean"]) == list(HEAD_COLUMNS)
+    for head in HEAD_COLUMNS:
         assert fmt(results["clean"][head]["accuracy"], "accuracy") in report
     assert set(results["main"]) == {"none", "random", "dp", "advface"}
     for name, record in results["main"].items():
         assert set(record["privacy"]) == {"transrec", "transrec+adaptive"}
-        for head in ("recognizer", "finetuned"):
+        for head in HEAD_COLUMNS:
             cell = f"{fmt(record['utility'][head]['accuracy'], 'accuracy')} ± {fmt(record['utility'][head]['std'], 'std')}"
             assert cell in report, (name, head)
         for summary in record["privacy"].values():

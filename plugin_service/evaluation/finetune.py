@@ -32,7 +32,7 @@ from plugin_service.evaluation.data import batch_order, require_same_extractor
 from plugin_service.evaluation.finetune_settings import TARGETS, HeadFinetuning
 from plugin_service.evaluation.passes import make_protector, protect_dataset
 from plugin_service.faces import identity_half, load_face_folders
-from plugin_service.models.extractor import freeze
+from plugin_service.models.extractor import batch_norms, freeze
 from plugin_service.models.recognizer import EMBEDDING_SCALE, Recognizer, load_recognizer
 from plugin_service.protect.base import Protector
 from plugin_service.runtime import default_cache_dir, minibatches, pick_device, progress, seed_everything
@@ -115,6 +115,9 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
     loss_mean, fit = float("nan"), float("nan")
     for epoch in range(cfg.epochs):
         model.head.train()
+        if cfg.freeze_batch_norm:
+            for norm in batch_norms(model.head):
+                norm.eval()
         total = 0
         loss_sum = fit_sum = 0.0
         bar = progress(minibatches(len(faces), cfg.batch_size, generator, drop_last=True),
@@ -153,6 +156,7 @@ def finetune_head(cfg: HeadFinetuning) -> FinetuneResult:
         "finetuned_from": recognizer.name, "finetune_bundle": bundle.version, "finetune_protector": cfg.protector,
         "finetune_params": json.dumps(protector.params(), sort_keys=True), "finetune_data": str(cfg.data),
         "finetune_faces": str(len(faces)), "finetune_epochs": str(cfg.epochs), "finetune_seed": str(cfg.seed),
-        "finetune_clean_mix": str(cfg.clean_mix), "finetune_target": cfg.target,
+        "finetune_clean_mix": str(cfg.clean_mix), "finetune_target": cfg.target, "finetune_lr": str(cfg.lr),
+        "finetune_freeze_batch_norm": str(cfg.freeze_batch_norm),
     })
     return FinetuneResult(model, len(faces), len(faces.identities), loss_mean, fit, fit_name)

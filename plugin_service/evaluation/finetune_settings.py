@@ -40,6 +40,9 @@ class HeadFinetuning:
     weight_decay: float = 5e-4  # this and label_smoothing are no flags
     label_smoothing: float = 0.1
     clean_mix: bool = option(True, "train on protected features only")
+    freeze_batch_norm: bool = option(False, "keep the head's BatchNorm statistics (measured on clean faces) fixed "
+                                     "and train the rest, so the mixed batches of protected and clean features do "
+                                     "not replace them")
     half: str = option("all", "train on one identity half of --data", choices=IDENTITY_HALVES)
     limit_per_identity: int | None = option(None, "read at most this many faces per identity")
     seed: int = option(0, "seed of the initialisation, the batch order and the protectors' noise")

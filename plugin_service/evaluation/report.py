@@ -137,8 +137,10 @@ def _utility(r: dict[str, Any]) -> list[str]:
              "(batches of the configured size, identities mixed) and embedded by the server-side head; the right face "
              "is a clean probe embedded by the full recogniser."]
     if "finetuned" in heads:
-        notes.append("The `finetuned` column uses the head from `advface finetune-head` (offline mode), "
-                     "the `recognizer` column the original head: before vs after fine-tuning.")
+        notes.append("The `finetuned` column uses the head from `advface finetune-head` (offline mode) on both sides, "
+                     "the `recognizer` column the original head: before vs after fine-tuning. The `finetuned stored "
+                     "side` column embeds the stored side with the fine-tuned head and the clean probe with the "
+                     "original one, as a backend that keeps the head for its stored features only would.")
     return [*notes, "", *_table(header, rows)]
 
 

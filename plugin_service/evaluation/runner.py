@@ -20,7 +20,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from datetime import datetime, timezone
 from functools import cached_property
@@ -63,7 +63,21 @@ from plugin_service.verification import verification_summary, verify
 log = logging.getLogger(__name__)
 PRIMARY = "recognizer"
 FINETUNED = "finetuned"
+STORED_SIDE = "finetuned stored side"
 SWEEP_KNOB = {"advface": "eps", "random": "eps", "dp": "dp_epsilon"}
+
+
+def utility_views(heads: Collection[str]) -> dict[str, tuple[str, str]]:
+    """Each utility column: (head that embeds the stored side, head that embeds the clean probe).
+
+    A head distilled with ``--target clean`` learns R'(protected) = R(clean), so the backend may
+    keep it for its stored features only and embed fresh probes with the original R: the
+    ``STORED_SIDE`` column, next to the head used on both sides.
+    """
+    views = {head: (head, head) for head in heads}
+    if FINETUNED in heads:
+        views[STORED_SIDE] = (FINETUNED, PRIMARY)
+    return views
 
 
 class PassRunner:
@@ -102,6 +116,7 @@ class PassRunner:
             "keep": tensor_digest(self.keep) if self.keep is not None else None, "batch_size": self.cfg.batch_size,
             "attackers": {k: model_digest(m) for k, m in self.attackers.items()},
             "heads": {k: model_digest(m) for k, m in self.heads.items()}, "threshold": self.threshold,
+            "utility_views": utility_views(self.heads),
             "channels_last": self.cfg.channels_last, "device": str(self.device), "seed": self.cfg.seed,
             **({"keep_features": True} if self.features is not None else {}),  # scored on float16-rounded features
         }
@@ -163,8 +178,9 @@ class PassRunner:
         for attacker, result in out.attacks.items():
             replay = replay_attack(result.embeddings, self.clean[PRIMARY], self.faces.names, self.threshold)
             privacy[attacker] = summarize(result, replay)
-        utility = {head: verification_summary(verify(out.feature_embeddings[head], self.clean[head], self.faces.pairs))
-                   for head in self.heads}
+        utility = {view: verification_summary(verify(out.feature_embeddings[stored], self.clean[probe],
+                                                     self.faces.pairs))
+                   for view, (stored, probe) in utility_views(self.heads).items()}
         record: PassRecord = {
             "protector": name, "params": params, "shadow": shadow_label, "privacy": privacy, "utility": utility,
             "perturbation_norm": float(out.perturbation_norm.mean()), "seconds": out.seconds, "key": key,
@@ -238,7 +254,8 @@ def run_evaluation(cfg: EvaluationConfig) -> Results:
 
     clean = {name: embed_images(model, faces.images, device, desc=f"clean embeddings ({name})")
              for name, model in heads.items()}
-    clean_verification = {name: verify(clean[name], clean[name], faces.pairs) for name in heads}
+    clean_verification = {view: verify(clean[stored], clean[probe], faces.pairs)
+                          for view, (stored, probe) in utility_views(heads).items()}
     threshold = clean_verification[PRIMARY].threshold
     log.info("clean verification accuracy %.4f, replay threshold %.4f", clean_verification[PRIMARY].accuracy, threshold)
 

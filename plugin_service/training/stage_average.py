@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from plugin_service.faces import FaceSet
+from plugin_service.models.extractor import batch_norms
 from plugin_service.models.recognizer import Recognizer, load_recognizer
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def recalibrate_batch_norm(model: Recognizer, faces: FaceSet, count: int, batch_
                            device: torch.device) -> None:
     """Replaces every BatchNorm's running statistics by their exact mean over ``count`` seeded training faces."""
     index = torch.randperm(len(faces), generator=torch.Generator().manual_seed(seed))[:count]
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batch_norms(model)
     momenta = [norm.momentum for norm in norms]
     model.to(device, memory_format=torch.channels_last).eval()
     for norm in norms:
