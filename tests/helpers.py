@@ -261,6 +261,7 @@ class ServerProcess:
     port: int
     metrics_port: int
     log: Path
+    respawn: Callable[[], ServerProcess] | None = None  # the same command on fresh ports
 
     @property
     def address(self) -> str:
@@ -278,7 +279,23 @@ class ServerProcess:
         return scraped_sum(self.metrics_url, name, **labels)
 
     def wait_serving(self, timeout: float = 120) -> None:
-        """Returns once its health check says SERVING; fails if it exits first or after ``timeout``."""
+        """Returns once its health check says SERVING; fails if it exits first or after ``timeout``.
+
+        free_port() releases a port before the server binds it, and any ephemeral bind in between
+        can take it: a server that exits because its port was taken is started again on fresh ones.
+        """
+        for attempt in range(5):
+            try:
+                return self._poll_serving(timeout)
+            except AssertionError:
+                lost_port = self.proc.poll() is not None and any(
+                    reason in self.output() for reason in ("cannot listen on", "cannot serve metrics"))
+                if self.respawn is None or not lost_port or attempt == 4:
+                    raise
+                fresh = self.respawn()
+                self.proc, self.port, self.metrics_port = fresh.proc, fresh.port, fresh.metrics_port
+
+    def _poll_serving(self, timeout: float) -> None:
         from advface_client import GuardClient
 
         with GuardClient(self.address, timeout=2) as client:
@@ -305,6 +322,7 @@ def spawn_server(bundle: Path, workdir: Path, *flags: str, name: str = "server",
     ADVFACE_* variables of the test environment are dropped so the flags alone decide (progress bars
     stay off); ``env`` adds variables. Output goes to ``workdir/<name>.log``.
     """
+    chosen_metrics_port = metrics_port
     port = free_port()
     metrics_port = free_port() if metrics_port is None else metrics_port
     log = workdir / f"{name}.log"
@@ -315,4 +333,5 @@ def spawn_server(bundle: Path, workdir: Path, *flags: str, name: str = "server",
                           "--device", "cpu", *flags]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=out, stderr=subprocess.STDOUT)
-    return ServerProcess(name, proc, port, metrics_port, log)
+    return ServerProcess(name, proc, port, metrics_port, log, respawn=lambda: spawn_server(
+        bundle, workdir, *flags, name=name, metrics_port=chosen_metrics_port, env=env))

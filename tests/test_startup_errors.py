@@ -78,3 +78,26 @@ def test_a_bad_flag_is_one_line(flags: tuple[str, ...], env: dict[str, str], exp
     assert code != 0
     line = one_line(stderr)
     assert line.startswith("advface") and expected in line
+
+
+def test_the_test_harness_restarts_a_server_whose_metrics_port_was_taken(
+        tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """spawn_server's free ports can be taken before the server binds them; wait_serving then starts it again."""
+    import socket
+
+    from tests import helpers
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = iter([helpers.free_port(), busy])  # the first spawn's gRPC port, then a metrics port in use
+        real = helpers.free_port
+        monkeypatch.setattr(helpers, "free_port", lambda: next(ports, None) or real())
+        server = helpers.spawn_server(tiny_bundle, tmp_path, "--warmup-faces", "1")
+        try:
+            server.wait_serving()
+            assert server.metrics_port != busy
+            assert server.sample("advface_model_info") >= 0  # its own metrics endpoint answers
+        finally:
+            server.stop()
