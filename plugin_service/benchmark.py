@@ -212,7 +212,7 @@ def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], 
     print(f"bundle {b.version}, {b.manifest.shadow.arch} width {b.manifest.shadow.width}, steps {bench.steps}, "
           f"device {bench.reference.device}, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores, "
           f"{platform.processor() or platform.machine()}; peak (2048x2048 float32 matmul) {peak:.1f} GFLOP/s")
-    print(f"optimised: {settings}")
+    print(f"optimised: {bench.optimised.settings}")
     print(f"{'protector':8s} {'batch':>5s} {'engine':9s} {'faces/s':>8s} {'p50 s':>7s} {'p90 s':>7s} {'p99 s':>7s} "
           f"{'RSS MB':>8s} {'GFLOP/f':>9s} {'GFLOP/s':>8s} {'peak':>6s} {'steps':>6s}")
     comparisons = []
@@ -231,7 +231,7 @@ def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], 
         json_path.write_text(json.dumps({
             "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "peak_gflops": peak,
                         "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
-            "bundle": b.version, "steps": bench.steps, "repeats": repeats, "optimised_settings": asdict(settings),
+            "bundle": b.version, "steps": bench.steps, "repeats": repeats, "optimised_settings": asdict(bench.optimised.settings),
             "results": [asdict(c) for c in comparisons]}, indent=2))
         print(f"wrote {json_path}")
     return bench

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from plugin_service.protect import Protector, ProtectorParams, build_protector
 from plugin_service.protect.early_stop import EarlyStop
 from plugin_service.protect.pgd_fast import FastAdvFace
 from plugin_service.protect.shadow_step import ShadowStep
-from plugin_service.runtime import pick_device
+from plugin_service.runtime import native_bfloat16, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,15 @@ class Engine:
             torch.set_num_threads(torch_threads)
         self.device = pick_device(device)
         self.bundle = bundle.to(self.device)
-        self.settings = settings.validate()
+        settings = settings.validate()
+        if settings.bf16 and not native_bfloat16(self.device):
+            # A fleet shares one configuration across hosts; a host without bfloat16 kernels runs
+            # float32 rather than 8x slower, and says so once.
+            log.warning("--bf16 is ignored on %s: it has no native bfloat16 kernels (CPU capability %s), where "
+                        "bfloat16 ran 8x slower than float32; the engine runs float32",
+                        self.device, torch.backends.cpu.get_cpu_capability())
+            settings = replace(settings, bf16=False)
+        self.settings = settings
         if settings.channels_last:
             self.bundle.shadow.to(memory_format=torch.channels_last)
         # One step function per engine: its compilation (once per batch size) outlives each call's protector.

@@ -29,7 +29,8 @@ class EngineSettings:
     channels_last: bool = option(False, "run the shadow model on channels-last tensors")
     bf16: bool = option(False, "run the shadow's forward and backward under bfloat16 autocast (about 1.6x faster "
                       "on CPUs with AVX512-BF16/AMX; on CUDA unmeasured); changes results (within the README's "
-                      "stated privacy-gain tolerance)")
+                      "stated privacy-gain tolerance); ignored, with a warning, on a device without native "
+                      "bfloat16 (an AVX2-only CPU ran it 8x slower)")
     reuse_host_memory: bool = option(True, "keep freed host memory in the allocator, so large activations are not "
                                    "mapped and zeroed again at every PGD step (glibc only)")
     early_stop: bool = option(False, "stop a face once its state repeats or its shadow loss stops rising; changes "

@@ -35,6 +35,20 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 runs at speed on ``device``: a CUDA GPU with bfloat16 units, or a CPU for which
+    oneDNN has bfloat16 kernels (AVX-512 and newer).
+
+    Elsewhere autocast to bfloat16 falls back to slow kernels: on an AVX2-only CPU the PGD step ran
+    8x slower than in float32 (README, Performance on CPU). Other device types are trusted.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
 def minibatches(n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool = False) -> Iterator[torch.Tensor]:
     """Index batches over ``range(n)``: shuffled when a generator is given, in order otherwise."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)

@@ -174,8 +174,9 @@ def test_optimised_engine_keeps_the_privacy_gain_of_the_reference(tiny_bundle: P
     assert np.abs(fast.features - ref.features).max() <= 2 * 0.2 + 1e-5
 
 
-def test_bf16_engine_keeps_the_privacy_gain_of_the_reference(tiny_bundle: Path) -> None:
+def test_bf16_engine_keeps_the_privacy_gain_of_the_reference(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bfloat16 flips the sign of a few gradient elements; on 3 seeds of these inputs the mean gain moved <= 0.4 %."""
+    monkeypatch.setattr("plugin_service.engine.native_bfloat16", lambda device: True)  # bf16 runs on any CPU, slowly
     z = _features(4)
     params = ProtectorParams(steps=10)
     ref = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings.reference()).protect(z, params=params)
@@ -187,3 +188,16 @@ def test_bf16_engine_keeps_the_privacy_gain_of_the_reference(tiny_bundle: Path) 
         gain = np.mean(fast.shadow_loss_after / fast.shadow_loss_before)
         ref_gain = np.mean(ref.shadow_loss_after / ref.shadow_loss_before)
         assert abs(gain / ref_gain - 1) < 0.01, (settings, gain, ref_gain)
+
+
+def test_bf16_on_a_device_without_native_bfloat16_runs_float32_and_says_so(
+        tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("plugin_service.engine.native_bfloat16", lambda device: False)
+    z, params = _features(2), ProtectorParams(steps=2)
+    with caplog.at_level(logging.WARNING, logger="plugin_service.engine"):
+        engine = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings(bf16=True, channels_last=True))
+    assert engine.settings == EngineSettings(bf16=False, channels_last=True)
+    assert [r.getMessage() for r in caplog.records if "--bf16 is ignored" in r.getMessage()]
+    plain = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings(channels_last=True))
+    np.testing.assert_array_equal(engine.protect(z, params=params).features, plain.protect(z, params=params).features)
+
