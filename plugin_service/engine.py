@@ -84,7 +84,7 @@ class Engine:
         return FastAdvFace(self.bundle.extractor, self.bundle.shadow, self._step, eps=p.eps, alpha=p.alpha,
                            steps=p.steps, norm=p.norm, channels_last=s.channels_last,
                            early_stop=EarlyStop(s.patience, s.min_gain) if s.early_stop else None,
-                           check_every=s.check_every)
+                           check_every=s.check_every, keep_best=s.keep_best)
 
     def protect(self, features: np.ndarray, protector: str = "advface",
                 params: ProtectorParams = ProtectorParams(), generator: torch.Generator | None = None) -> EngineResult:

@@ -35,6 +35,9 @@ class EngineSettings:
                                    "mapped and zeroed again at every PGD step (glibc only)")
     early_stop: bool = option(False, "stop a face once its state repeats or its shadow loss stops rising; changes "
                             "results (within the README's stated privacy-gain tolerance)")
+    keep_best: bool = option(False, "store, per face, the state with the highest shadow loss among those PGD scored "
+                           "instead of the last one (the sign steps overshoot); raises the privacy gain, changes "
+                           "results")
     patience: int = option(4, "early stop: steps without a rise of the shadow loss by --min-gain before a face stops")
     min_gain: float = option(0.01, "early stop: relative rise of a face's shadow loss that counts as progress")
     check_every: int = option(4, "early stop: steps between the host's checks that every face stopped (results do "
@@ -43,11 +46,13 @@ class EngineSettings:
     @classmethod
     def reference(cls) -> EngineSettings:
         """Today's plain eager loop, kept as the reference every speed-up is compared with."""
-        return cls(compile=False, channels_last=False, bf16=False, reuse_host_memory=False, early_stop=False)
+        return cls(compile=False, channels_last=False, bf16=False, reuse_host_memory=False, early_stop=False,
+                   keep_best=False)
 
     @property
     def is_reference(self) -> bool:
-        return not (self.compile or self.channels_last or self.bf16 or self.reuse_host_memory or self.early_stop)
+        return not (self.compile or self.channels_last or self.bf16 or self.reuse_host_memory or self.early_stop
+                    or self.keep_best)
 
     def validate(self) -> EngineSettings:
         if self.patience < 1 or self.check_every < 1:

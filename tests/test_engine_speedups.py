@@ -201,3 +201,15 @@ def test_bf16_on_a_device_without_native_bfloat16_runs_float32_and_says_so(
     plain = Engine(load_bundle(tiny_bundle), "cpu", settings=EngineSettings(channels_last=True))
     np.testing.assert_array_equal(engine.protect(z, params=params).features, plain.protect(z, params=params).features)
 
+
+
+def test_keep_best_stores_the_scored_state_with_the_highest_shadow_loss() -> None:
+    """A lone face (no batch-mates in the BatchNorm statistics): the stored loss is the best its steps scored."""
+    extractor, shadow = _tiny()
+    z = torch.from_numpy(_features(1, seed=3))
+    step = ShadowStep(shadow, compile=False)
+    scored = [float(FastAdvFace(extractor, shadow, step, steps=k)(z).shadow_loss_after[0]) for k in range(9)]
+    kept = FastAdvFace(extractor, shadow, step, steps=8, keep_best=True)(z)
+    assert float(kept.shadow_loss_after[0]) == pytest.approx(max(scored[:8]), rel=1e-6)
+    assert max(scored[:8]) > scored[8]  # the last state is not the best one here, so the rule is what is tested
+    assert FastAdvFace(extractor, shadow, step, keep_best=True).params()["keep_best"] is True

@@ -35,6 +35,25 @@ class EarlyStop:
     min_gain: float = 0.01
 
 
+class BestState:
+    """Per face, the scored delta with the highest shadow loss so far (PGD's best iterate).
+
+    With alpha = eps the sign steps overshoot, and the loss of the last state lies below the best
+    one visited (README, Performance on CPU); keeping the best costs no extra pass, because every
+    step scores its state anyway.
+    """
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self.loss = torch.full((delta.shape[0],), -torch.inf, device=delta.device)
+        self.delta = delta.clone()
+
+    def update(self, loss: torch.Tensor, delta: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Records ``delta`` (whose loss is ``loss``) for each face, among ``active`` ones, where it beats the best."""
+        better = loss > self.loss if active is None else active & (loss > self.loss)
+        self.loss = torch.where(better, loss, self.loss)
+        self.delta = torch.where(_faces(better), delta, self.delta)
+
+
 class StopTracker:
     """The per-face state of the stopping rule for one batch; every tensor lives on the batch's device."""
 
@@ -43,8 +62,7 @@ class StopTracker:
         self.rule = rule
         self.active = torch.ones(n, dtype=torch.bool, device=delta.device)
         self.steps = torch.zeros(n, dtype=torch.long, device=delta.device)
-        self.best_loss = torch.full((n,), -torch.inf, device=delta.device)
-        self.best_delta = delta.clone()
+        self.best = BestState(delta)
         self.reference = torch.full((n,), -torch.inf, device=delta.device)  # loss at the last counted rise
         self.stalled = torch.zeros(n, dtype=torch.long, device=delta.device)
         self.previous = delta.clone()
@@ -52,9 +70,7 @@ class StopTracker:
     def update(self, step: int, loss: torch.Tensor, delta: torch.Tensor, proposed: torch.Tensor) -> torch.Tensor:
         """Scores ``delta`` (its loss ``loss``) and returns the next delta: ``proposed``, or the best state of a stopped face."""
         active = self.active
-        better = active & (loss > self.best_loss)
-        self.best_loss = torch.where(better, loss, self.best_loss)
-        self.best_delta = torch.where(_faces(better), delta, self.best_delta)
+        self.best.update(loss, delta, active)
         rose = active & (loss > self.reference * (1.0 + self.rule.min_gain))
         self.reference = torch.where(rose, loss, self.reference)
         self.stalled = torch.where(rose, torch.zeros_like(self.stalled), self.stalled + active.long())
@@ -62,7 +78,7 @@ class StopTracker:
         self.steps = torch.where(active, torch.full_like(self.steps, step + 1), self.steps)
         self.active = active & ~(repeated | (self.stalled >= self.rule.patience))
         self.previous = delta
-        return torch.where(_faces(self.active), proposed, self.best_delta)
+        return torch.where(_faces(self.active), proposed, self.best.delta)
 
     def all_stopped(self) -> bool:
         """The loop's only host synchronisation; call it every few steps."""
