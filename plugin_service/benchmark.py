@@ -243,7 +243,8 @@ def bench_engine(bundle_path: Path | None, device: str, batch_sizes: list[int], 
         json_path.write_text(json.dumps({
             "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "peak_gflops": peak,
                         "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
-            "bundle": b.version, "steps": bench.steps, "repeats": repeats, "optimised_settings": asdict(bench.optimised.settings),
+            "bundle": b.version, "steps": bench.steps, "repeats": repeats,
+            "optimised_settings": asdict(bench.optimised.settings),
             "results": [asdict(c) for c in comparisons]}, indent=2))
         print(f"wrote {json_path}")
     return bench
