@@ -209,7 +209,9 @@ def test_keep_best_stores_the_scored_state_with_the_highest_shadow_loss() -> Non
     z = torch.from_numpy(_features(1, seed=3))
     step = ShadowStep(shadow, compile=False)
     scored = [float(FastAdvFace(extractor, shadow, step, steps=k)(z).shadow_loss_after[0]) for k in range(9)]
-    kept = FastAdvFace(extractor, shadow, step, steps=8, keep_best=True)(z)
-    assert float(kept.shadow_loss_after[0]) == pytest.approx(max(scored[:8]), rel=1e-6)
-    assert max(scored[:8]) > scored[8]  # the last state is not the best one here, so the rule is what is tested
+    # The run length whose last state lies furthest below the best before it, so the rule is what is tested.
+    n = max(range(1, 9), key=lambda k: max(scored[:k]) - scored[k])
+    assert max(scored[:n]) > scored[n]  # the sign steps overshoot: some last state is not the best
+    kept = FastAdvFace(extractor, shadow, step, steps=n, keep_best=True)(z)
+    assert float(kept.shadow_loss_after[0]) == pytest.approx(max(scored[:n]), rel=1e-6)
     assert FastAdvFace(extractor, shadow, step, keep_best=True).params()["keep_best"] is True
