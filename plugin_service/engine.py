@@ -55,9 +55,10 @@ class Engine:
         if settings.bf16 and not native_bfloat16(self.device):
             # A fleet shares one configuration across hosts; a host without bfloat16 kernels runs
             # float32 rather than 8x slower, and says so once.
-            log.warning("--bf16 is ignored on %s: it has no native bfloat16 kernels (CPU capability %s), where "
-                        "bfloat16 ran 8x slower than float32; the engine runs float32",
-                        self.device, torch.backends.cpu.get_cpu_capability())
+            detail = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}" if self.device.type == "cpu"
+                      else "torch.cuda.is_bf16_supported() is false")
+            log.warning("--bf16 is ignored on %s: it has no native bfloat16 kernels (%s), and on such an AVX2 CPU "
+                        "bfloat16 ran 8x slower than float32; the engine runs float32", self.device, detail)
             settings = replace(settings, bf16=False)
         self.settings = settings
         if settings.channels_last:

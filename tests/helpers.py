@@ -322,16 +322,15 @@ def spawn_server(bundle: Path, workdir: Path, *flags: str, name: str = "server",
     ADVFACE_* variables of the test environment are dropped so the flags alone decide (progress bars
     stay off); ``env`` adds variables. Output goes to ``workdir/<name>.log``.
     """
-    chosen_metrics_port = metrics_port
     port = free_port()
-    metrics_port = free_port() if metrics_port is None else metrics_port
+    bound_metrics_port = free_port() if metrics_port is None else metrics_port
     log = workdir / f"{name}.log"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("ADVFACE_")}
     run_env.update(ADVFACE_NO_PROGRESS="1", PYTHONUNBUFFERED="1", **(env or {}))
     cmd: Sequence[str] = [sys.executable, "-m", "plugin_service.cli", "serve", "--bundle", str(bundle),
-                          "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+                          "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(bound_metrics_port),
                           "--device", "cpu", *flags]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=out, stderr=subprocess.STDOUT)
-    return ServerProcess(name, proc, port, metrics_port, log, respawn=lambda: spawn_server(
-        bundle, workdir, *flags, name=name, metrics_port=chosen_metrics_port, env=env))
+    return ServerProcess(name, proc, port, bound_metrics_port, log, respawn=lambda: spawn_server(
+        bundle, workdir, *flags, name=name, metrics_port=metrics_port, env=env))

@@ -105,7 +105,6 @@ def test_finetune_head_keeps_batch_norm_statistics_only_when_asked(tmp_path: Pat
         assert f.metadata()["finetune_freeze_batch_norm"] == str(freeze_batch_norm)
 
 
-
 def test_finetune_head_refuses_a_recognizer_with_another_e(tmp_path: Path) -> None:
     from plugin_service.evaluation.finetune import HeadFinetuning, finetune_head
 
